@@ -1,0 +1,5 @@
+"""Exceptions of the us3d logic layer."""
+
+
+class InputError(ValueError):
+    """Bad user input (file, volume or parameter); the message is meant for the user as is."""
