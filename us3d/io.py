@@ -7,10 +7,12 @@ i, j, k axis directions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import nrrd
 import numpy as np
@@ -215,3 +217,42 @@ def _all_numeric(values: list[str]) -> bool:
 
 def read_volume_or_sequence(path: str | os.PathLike) -> sitk.Image | VolumeSequence:
     return read_sequence(path) if is_sequence_path(path) else read_volume(path)
+
+
+def write_any(data: sitk.Image | VolumeSequence, path: str | os.PathLike) -> None:
+    if isinstance(data, VolumeSequence):
+        write_sequence(data, path)
+    else:
+        write_volume(data, path)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (SEQUENCE_SUFFIX, ".nii.gz"):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike]) -> Iterator[list[str]]:
+    """Temporary paths beside `paths`, all moved into place only if the block succeeds.
+
+    A failed or interrupted write leaves none of the outputs behind (nor a temporary file).
+    """
+    temporaries = []
+    try:
+        for path in map(Path, paths):
+            handle, temporary = tempfile.mkstemp(prefix=".us3d-", suffix=_suffix(path), dir=path.parent)
+            os.close(handle)
+            temporaries.append(temporary)
+        yield list(temporaries)
+        umask = os.umask(0)
+        os.umask(umask)
+        for temporary, path in zip(temporaries, paths):
+            os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes private files; outputs are ordinary ones
+            os.replace(temporary, path)
+    finally:
+        for temporary in temporaries:
+            if os.path.exists(temporary):
+                os.remove(temporary)
