@@ -1,0 +1,104 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from us3d.cli import main
+from us3d.io import read_sequence, read_volume
+
+
+def run(*args):
+    """The us3d console script in a subprocess: exit code, stdout, stderr."""
+    result = subprocess.run([sys.executable, "-m", "us3d.cli", *map(str, args)], capture_output=True, text=True)
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    assert main(["phantom", str(folder / "liver.seq.nrrd"), "--frames", "2", "--seed", "1",
+                 "--truth-dir", str(folder)]) == 0
+    return folder
+
+
+def test_phantom_writes_sequence_and_ground_truth(phantom_files):
+    sequence = read_sequence(phantom_files / "liver.seq.nrrd")
+    assert sequence.frames.shape == (2, 32, 128, 128) and sequence.frames.dtype == np.uint8
+    assert sequence.spacing == pytest.approx((0.4, 0.3, 0.8))
+    assert read_sequence(phantom_files / "labels.seq.nrrd").frames.shape == (2, 32, 128, 128)
+    field = sitk.ReadImage(str(phantom_files / "displacement_001.mha"))
+    assert field.GetNumberOfComponentsPerPixel() == 3
+    sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))  # loads as a transform
+
+
+def test_despeckle_sequence_and_metrics_json(phantom_files, tmp_path):
+    before = (phantom_files / "liver.seq.nrrd").read_bytes()
+    code, out, err = run("despeckle", phantom_files / "liver.seq.nrrd", tmp_path / "out.seq.nrrd")
+    assert code == 0, err
+    assert "frame 2/2" in err  # progress per frame
+    assert (phantom_files / "liver.seq.nrrd").read_bytes() == before  # input untouched
+    filtered = read_sequence(tmp_path / "out.seq.nrrd")
+    original = read_sequence(phantom_files / "liver.seq.nrrd")
+    assert filtered.frames.shape == original.frames.shape
+    assert filtered.index_values == original.index_values
+    assert filtered.frames.std() < original.frames.std()
+
+    code, out, err = run("metrics", phantom_files / "liver.seq.nrrd", tmp_path / "out.seq.nrrd", "--json",
+                         "--labels", phantom_files / "labels.seq.nrrd", "--region", 2, "--versus", 1,
+                         "--reference", phantom_files / "echogenicity.seq.nrrd")
+    assert code == 0, err
+    report = json.loads(out)
+    assert len(report["frames"]) == 2
+    assert set(report["mean"]) == {"enl", "smpi", "ssi", "cnr", "gcnr", "mse", "psnr", "ssim"}
+    assert report["mean"]["ssi"] < 1.0
+
+
+def test_despeckle_volume_keeps_geometry(sample_dir, tmp_path):
+    code, _, err = run("despeckle", sample_dir / "MouseLiverB.mha", tmp_path / "out.nrrd", "--mode", "3d",
+                       "--search-radius", 2)
+    assert code == 0, err
+    original, filtered = read_volume(sample_dir / "MouseLiverB.mha"), read_volume(tmp_path / "out.nrrd")
+    assert filtered.GetSize() == original.GetSize()
+    np.testing.assert_allclose(filtered.GetDirection(), original.GetDirection())
+    np.testing.assert_allclose(filtered.GetSpacing(), original.GetSpacing())
+    np.testing.assert_allclose(filtered.GetOrigin(), original.GetOrigin())
+
+
+@pytest.mark.parametrize("make_input,extra,message", [
+    (lambda d: d / "missing.nrrd", [], "no such file"),
+    (lambda d: (d / "empty.nrrd").write_bytes(b"") or d / "empty.nrrd", [], "is empty"),
+    (lambda d: (d / "junk.mha").write_text("junk") and d / "junk.mha", [], "not a readable volume"),
+    (lambda d: sitk.WriteImage(sitk.Image(9, 9, sitk.sitkUInt8), str(d / "2d.nrrd")) or d / "2d.nrrd", [], "3D"),
+    (lambda d: sitk.WriteImage(sitk.Image([5, 5, 5], sitk.sitkVectorUInt8, 3), str(d / "rgb.nrrd"))
+     or d / "rgb.nrrd", [], "RGB"),
+    (lambda d: sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 4, 4), np.inf, np.float32)), str(d / "inf.nrrd"))
+     or d / "inf.nrrd", [], "NaN or infinite"),
+    (lambda d: sitk.WriteImage(sitk.Image([5, 5, 5], sitk.sitkUInt8), str(d / "ok.nrrd")) or d / "ok.nrrd",
+     ["--block-radius", "0"], "block-radius"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, make_input, extra, message):
+    source = make_input(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run("despeckle", source, tmp_path / "out.nrrd", *extra)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_output_over_input_is_refused(sample_dir, tmp_path):
+    target = tmp_path / "in.mha"
+    target.write_bytes((sample_dir / "MouseLiverB.mha").read_bytes())
+    code, _, err = run("despeckle", target, target)
+    assert code == 2 and "same file" in err
+    assert target.read_bytes() == (sample_dir / "MouseLiverB.mha").read_bytes()
+
+
+def test_help_on_every_command():
+    for command in ("despeckle", "metrics", "phantom", "demo"):
+        code, out, _ = run(command, "--help")
+        assert code == 0 and "usage: us3d" in out

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from us3d.phantom import LABELS, simulate_sequence, simulate_volume
+from us3d.phantom.export import displacement_image
+
+RAYLEIGH_SNR = 1.913
+RAYLEIGH_LOG_STD_DB = 5.57
+
+
+@pytest.fixture(scope="module")
+def sequence():
+    return simulate_sequence(4, seed=2)
+
+
+def _parenchyma(labels):
+    return ndimage.binary_erosion(labels == LABELS["parenchyma"], iterations=3)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_fully_developed_speckle_statistics(seed):
+    phantom = simulate_volume(seed)
+    envelope = phantom.envelope[0][_parenchyma(phantom.labels[0])]
+    assert envelope.size > 50_000
+    assert envelope.mean() / envelope.std() == pytest.approx(RAYLEIGH_SNR, abs=0.05)
+    assert (20 * np.log10(envelope)).std() == pytest.approx(RAYLEIGH_LOG_STD_DB, abs=0.1)
+
+
+def test_clean_echogenicity_is_the_mean_of_the_speckled_bmode():
+    phantom = simulate_volume(1)
+    region = _parenchyma(phantom.labels[0])
+    assert phantom.bmode[0][region].mean() == pytest.approx(phantom.echogenicity[0][region].mean(), abs=2.0)
+    assert phantom.bmode[0][region].std() > 20  # speckle...
+    assert phantom.echogenicity[0][region].std() < 3  # ...that the ground truth does not have
+
+
+def test_deterministic_per_seed_and_anatomy_varies_with_seed():
+    a, b, c = simulate_volume(3), simulate_volume(3), simulate_volume(4)
+    np.testing.assert_array_equal(a.bmode, b.bmode)
+    np.testing.assert_array_equal(a.displacement, b.displacement)
+    assert (a.labels != c.labels).mean() > 0.01
+
+
+def test_anatomy_has_the_expected_structures():
+    labels = simulate_volume(0).labels[0]
+    for name in ("abdominal_wall", "parenchyma", "vessel", "diaphragm"):
+        assert (labels == LABELS[name]).any(), name
+    lesions = np.isin(labels, [LABELS["lesion_hypoechoic"], LABELS["lesion_hyperechoic"]])
+    assert lesions.any()
+
+
+def test_motion_ground_truth_moves_the_speckle(sequence):
+    """Resampling frame 0 with frame t's displacement field (SimpleITK) reproduces frame t."""
+    def image(array):
+        result = sitk.GetImageFromArray(array.astype(np.float32))
+        result.SetSpacing(sequence.spacing)
+        return result
+
+    inner = (slice(4, -4), slice(20, -8), slice(40, -40))
+    for t in range(1, 4):
+        transform = sitk.DisplacementFieldTransform(displacement_image(sequence, t))
+        warped = sitk.GetArrayFromImage(sitk.Resample(image(sequence.bmode[0]), image(sequence.bmode[t]),
+                                                      transform, sitk.sitkLinear, 0.0))
+        with_truth = np.corrcoef(warped[inner].ravel(), sequence.bmode[t][inner].ravel())[0, 1]
+        without = np.corrcoef(sequence.bmode[0][inner].ravel(), sequence.bmode[t][inner].ravel())[0, 1]
+        assert with_truth > 0.9
+        assert with_truth > without + 0.15
+
+
+def test_breathing_motion_range_and_no_folding(sequence):
+    assert not sequence.displacement[0].any()  # frame 0 is the reference
+    peak = np.abs(sequence.displacement).max(axis=(0, 1, 2, 3))
+    assert 3.0 < peak[0] <= 12.0  # superior-inferior, along x
+    assert peak[1] < peak[0] and peak[2] < peak[0]
+    spacing = np.array(sequence.spacing)
+    for t in range(1, 4):
+        field = sequence.displacement[t].astype(np.float64)
+        jacobian = np.zeros(field.shape[:3] + (3, 3))
+        for component in range(3):
+            dz, dy, dx = np.gradient(field[..., component], spacing[2], spacing[1], spacing[0])
+            jacobian[..., component, :] = np.stack([dx, dy, dz], axis=-1)
+        assert np.linalg.det(np.eye(3) + jacobian).min() > 0.5
+
+
+def test_abdominal_wall_slides_instead_of_following_the_liver(sequence):
+    labels, field = sequence.labels[3], sequence.displacement[3]
+    wall = np.abs(field[..., 0][labels == LABELS["abdominal_wall"]])
+    liver = np.abs(field[..., 0][labels == LABELS["parenchyma"]])
+    assert np.median(wall) < 0.2 * np.median(liver)
