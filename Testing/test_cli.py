@@ -102,3 +102,16 @@ def test_help_on_every_command():
     for command in ("despeckle", "metrics", "phantom", "demo"):
         code, out, _ = run(command, "--help")
         assert code == 0 and "usage: us3d" in out
+
+
+def test_demo_writes_report_views_and_volumes(tmp_path):
+    assert main(["demo", str(tmp_path / "demo"), "--frames", "2"]) == 0
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| liver phantom, frame 1 |" in report and "| spine phantom" in report
+    for name in ("liver_frame0", "spine"):
+        for view in ("axial-k", "plane-j", "plane-i"):
+            png = tmp_path / "demo" / f"{name}-{view}.png"
+            assert f"]({png.name})" in report
+            image = sitk.GetArrayFromImage(sitk.ReadImage(str(png)))
+            assert image.ndim == 2 and image.shape[1] > 2 * 100 and image.std() > 10
+    assert read_sequence(tmp_path / "demo" / "liver_obnlm.seq.nrrd").frames.shape == (2, 32, 128, 128)

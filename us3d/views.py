@@ -21,13 +21,14 @@ def display_window(volume: np.ndarray) -> tuple[float, float]:
 
 def centre_slices(volume: np.ndarray, spacing: tuple[float, float, float],
                   pixel_mm: float | None = None) -> list[np.ndarray]:
-    """The three centre slices (k, j, i planes) of a (k, j, i) volume, resampled to square pixels.
+    """The three centre slices (k, j, i planes) of a (k, j, i) volume, resampled to square pixels of
+    pixel_mm (default: about 400 pixels along the longest side).
 
     spacing is (i, j, k) in mm; returns float arrays (rows, columns).
     """
     si, sj, sk = spacing
-    pixel_mm = pixel_mm or min(spacing)
     k, j, i = volume.shape
+    pixel_mm = pixel_mm or max(i * si, j * sj, k * sk) / 400  # about 400 pixels across
     planes = [
         (volume[k // 2], (sj, si)),          # rows j, cols i: the B-mode plane
         (volume[:, j // 2, :], (sk, si)),    # rows k, cols i
