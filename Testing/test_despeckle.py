@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from us3d.despeckle import Cancelled, ObnlmSettings, despeckle
+from us3d.io import VolumeSequence
+
+
+def _sequence(frames=5):
+    data = np.random.default_rng(0).integers(0, 255, (frames, 3, 16, 16)).astype(np.uint8)
+    return VolumeSequence(data, (0.5, 0.5, 1.0), index_values=[str(i / 6) for i in range(frames)])
+
+
+def test_sequence_in_sequence_out_with_progress():
+    sequence = _sequence()
+    before = sequence.frames.copy()
+    calls = []
+    result = despeckle(sequence, ObnlmSettings(), "cpu", progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 5) for i in range(1, 6)]
+    assert result.output.index_values == sequence.index_values
+    assert result.output.frames.shape == sequence.frames.shape
+    assert len(result.seconds_per_frame) == 5
+    np.testing.assert_array_equal(sequence.frames, before)  # input unchanged
+
+
+def test_cancel_after_frame_two_produces_nothing():
+    done = []
+    with pytest.raises(Cancelled):
+        despeckle(_sequence(), ObnlmSettings(), "cpu", progress=lambda d, t: done.append(d),
+                  cancel=lambda: len(done) >= 2)
+    assert done == [1, 2]
+
+
+def test_volume_keeps_geometry():
+    image = sitk.GetImageFromArray(np.random.default_rng(1).random((3, 12, 12)).astype(np.float32))
+    image.SetSpacing((0.2, 0.3, 0.9))
+    image.SetOrigin((1.0, 2.0, 3.0))
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, -1))
+    out = despeckle(image, ObnlmSettings(mode="3d"), "cpu").output
+    assert out.GetSpacing() == image.GetSpacing() and out.GetOrigin() == image.GetOrigin()
+    assert out.GetDirection() == image.GetDirection()
+    assert out.GetPixelID() == sitk.sitkFloat32
