@@ -160,13 +160,11 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 # --- phantom ---------------------------------------------------------------------------------
 
 def cmd_phantom(args: argparse.Namespace) -> int:
+    from us3d.io import check_output_path, is_sequence_path
     from us3d.phantom import simulate_sequence
     from us3d.phantom.export import write_phantom
 
-    output = Path(args.output)
-    from us3d.io import check_output_path, is_sequence_path
-
-    check_output_path(output)
+    output = check_output_path(args.output)
     if args.frames > 1 and not is_sequence_path(output):
         raise InputError(f"{args.frames} frames make a 4D sequence: the output must end with .seq.nrrd")
     if args.truth_dir and not Path(args.truth_dir).is_dir():

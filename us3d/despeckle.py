@@ -13,11 +13,10 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from us3d.devices import resolve_device
 from us3d.errors import InputError
 from us3d.filters import obnlm
 from us3d.io import VolumeSequence, to_image
-
-METHODS = ("obnlm",)
 
 
 class Cancelled(Exception):
@@ -51,8 +50,6 @@ def despeckle(data: sitk.Image | VolumeSequence, settings: ObnlmSettings | None 
               progress: Callable[[int, int], None] | None = None,
               cancel: Callable[[], bool] | None = None) -> DespeckleResult:
     """Despeckle a volume or every frame of a sequence; the input is left unchanged."""
-    from us3d.devices import resolve_device
-
     settings = settings or ObnlmSettings()
     used = resolve_device(device).type
     # Compile (or load the cached) kernel first, so that per-frame times are compute times.
