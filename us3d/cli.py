@@ -77,19 +77,48 @@ def _check_kind_matches(data, output: Path) -> None:
 # --- despeckle -------------------------------------------------------------------------------
 
 def cmd_despeckle(args: argparse.Namespace) -> int:
-    from us3d.despeckle import ObnlmSettings, despeckle
+    import warnings
+
+    from us3d.despeckle import ObnlmSettings, UnetSettings, despeckle
     from us3d.io import check_output_path, read_volume_or_sequence
 
     output = check_output_path(args.output, args.input)
+    if args.method == "unet":
+        from us3d.models.bundle import resolve_model
+
+        resolve_model(args.model)  # an unknown model name fails before the input is read
     data = read_volume_or_sequence(args.input)
     _check_kind_matches(data, output)
-    settings = ObnlmSettings(args.mode, args.search_radius, args.block_radius, args.h)
-    result = despeckle(data, settings, args.device, progress=ProgressBar("despeckle"))
+    if args.method == "unet":
+        settings = UnetSettings(args.model)
+        described = f"U-Net {args.model}"
+    else:
+        settings = ObnlmSettings(args.mode, args.search_radius, args.block_radius, args.h)
+        described = f"OBNLM {settings.mode} M={settings.search_radius} alpha={settings.block_radius} h={settings.h}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest: print(f"us3d despeckle: warning: {message}", file=sys.stderr)
+        result = despeckle(data, settings, args.device, progress=ProgressBar("despeckle"))
     _write(result.output, output)
     frames = len(result.seconds_per_frame)
-    print(f"wrote {output} ({frames} frame{'s' if frames > 1 else ''}, OBNLM {settings.mode} "
-          f"M={settings.search_radius} alpha={settings.block_radius} h={settings.h}, "
+    print(f"wrote {output} ({frames} frame{'s' if frames > 1 else ''}, {described}, "
           f"{np.median(result.seconds_per_frame):.2f} s per frame on {result.device})")
+    return 0
+
+
+# --- models ----------------------------------------------------------------------------------
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from us3d.models.bundle import MODELS_DIR, file_sha256, read_manifest
+
+    entries = read_manifest()
+    if not entries:
+        print(f"no bundled models in {MODELS_DIR}")
+        return 0
+    for name, entry in sorted(entries.items()):
+        path = MODELS_DIR / entry["file"]
+        state = "ok" if path.is_file() and file_sha256(path) == entry["sha256"] else "MISSING OR CORRUPT"
+        print(f"{name:12} target={entry['target']:6} {entry['file']} sha256 {entry['sha256'][:12]}... {state}")
     return 0
 
 
@@ -175,6 +204,71 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train-despeckle ------------------------------------------------------------------------
+
+def cmd_train_despeckle(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from us3d.despeckle import ObnlmSettings
+    from us3d.devices import resolve_device
+    from us3d.models.bundle import MODELS_DIR, save_model, update_manifest
+    from us3d.training.data import TRAINING_SEED_START, training_set, validation_set
+    from us3d.training.despeckle import (TrainingSettings, count_flops, model_card, train_despeckler,
+                                         training_metadata, validate, write_log_line)
+
+    output = Path(args.output)
+    if output.suffix != ".pt":
+        raise InputError(f"the model file must end with .pt, not {output.name}")
+    if not output.parent.is_dir():
+        raise InputError(f"folder {output.parent} does not exist")
+    if args.crop[1] % 16 or args.crop[2] % 16:
+        raise InputError("crop j and i must be multiples of 16")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    obnlm = ObnlmSettings()
+    cache = Path(args.cache) if args.cache else None
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    volumes = training_set(args.target, args.sequences, args.frames, obnlm, not args.no_real, cache)
+    settings = TrainingSettings(args.steps, args.batch_size, tuple(args.crop), args.lr, args.seed)
+    log_path = output.with_suffix(".log.jsonl")
+    if rank0 and log_path.exists():
+        log_path.unlink()
+    start = time.perf_counter()
+    model = train_despeckler(volumes, settings, device, write_log_line(log_path) if rank0 else None)
+    wall = time.perf_counter() - start
+    if not rank0:
+        return 0
+    seeds = f"{TRAINING_SEED_START}-{TRAINING_SEED_START + args.sequences - 1}"
+    data = {"sequences": args.sequences, "frames": args.frames, "seeds": seeds,
+            "real": None if args.no_real or args.target != "obnlm" else "SpinePhantomFreehandReconstructed.mha"}
+    metadata = training_metadata(args.target, obnlm, settings, data, wall, device.type,
+                                 int(os.environ.get("WORLD_SIZE", "1")))
+    model = model.cpu()
+    metadata["parameters"] = sum(p.numel() for p in model.parameters())
+    metadata["gflops_128x128x32"] = round(count_flops(model) / 1e9, 2)
+    validation = validate(model, validation_set(args.target, obnlm, cache), torch.device("cpu"))
+    metadata["validation"] = validation
+    digest = save_model(model, output, metadata)
+    name = output.stem
+    output.with_suffix(".md").write_text(model_card(name, dict(metadata, weights_sha256=_weights(output)), validation))
+    if output.resolve().parent == MODELS_DIR.resolve():
+        update_manifest(name, output.name, digest, args.target)
+    for row in validation:
+        print(f"{row['volume']}: PSNR {row['psnr']:.2f} dB (input {row['psnr_identity']:.2f}), "
+              f"SMPI {row['smpi_model']:.3f} vs target {row['smpi_target']:.3f}")
+    print(f"wrote {output}, {output.with_suffix('.md')}, {log_path} ({wall / 60:.1f} min)")
+    return 0
+
+
+def _weights(path: Path) -> str:
+    from us3d.models.bundle import load_model
+
+    return load_model(str(path)).metadata["weights_sha256"]
+
+
 # --- demo ------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -194,10 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("despeckle", help="despeckle a 3D volume or every frame of a 4D .seq.nrrd sequence",
-                       description="Despeckle a 3D volume or every frame of a 4D .seq.nrrd sequence with OBNLM.")
+                       description="Despeckle a 3D volume or every frame of a 4D .seq.nrrd sequence with OBNLM or a trained 3D dense U-Net.")
     p.add_argument("input", help="volume (.nrrd .nhdr .nii .nii.gz .mha .mhd) or sequence (.seq.nrrd)")
     p.add_argument("output", help="output file (a new file; the input is never overwritten)")
-    p.add_argument("--method", choices=("obnlm",), default="obnlm", help="filter (default: obnlm)")
+    p.add_argument("--method", choices=("obnlm", "unet"), default="obnlm",
+                   help="obnlm: the OBNLM filter; unet: a trained 3D dense U-Net (default: obnlm)")
+    p.add_argument("--model", default="unet-obnlm",
+                   help="U-Net model: a bundled name (see `us3d models`) or a .pt file (default unet-obnlm)")
     p.add_argument("--mode", choices=OBNLM_MODES, default="slicewise",
                    help="slicewise: each k-slice in 2D as the public OBNLM; 3d: 3D blocks and search")
     p.add_argument("--search-radius", type=_positive_int, default=3, metavar="M",
@@ -207,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--h", type=_positive_float, default=0.7, help="smoothing parameter h (default 0.7)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="compute device (default auto)")
     p.set_defaults(func=cmd_despeckle)
+
+    p = sub.add_parser("models", help="list the bundled models and check their files",
+                       description="List the bundled U-Net models (Resources/Models/manifest.json) and check "
+                                   "each file's sha256.")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("metrics", help="speckle and image-quality metrics",
                        description="SMPI/SSI of OUTPUT vs INPUT, ENL, CNR/gCNR between two labels, "
@@ -229,6 +331,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth-dir", help="folder for the ground truth: clean echogenicity, labels, "
                                        "displacement fields (mm, ITK displacement field images)")
     p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("train-despeckle", help="train the 3D dense U-Net despeckler",
+                       description="Train the 3D dense U-Net on simulated liver sequences (and the real spine "
+                                   "volume) to reproduce OBNLM or the clean echogenicity; writes OUTPUT.pt "
+                                   "(TorchScript), OUTPUT.md (model card) and OUTPUT.log.jsonl. Under torchrun "
+                                   "it trains data-parallel (DDP).")
+    p.add_argument("output", help="model file to write (.pt); inside Resources/Models the manifest is updated")
+    p.add_argument("--target", choices=("obnlm", "clean"), default="obnlm",
+                   help="obnlm: the project's default OBNLM output; clean: the simulator's speckle-free truth")
+    p.add_argument("--sequences", type=_positive_int, default=24, help="simulated training sequences (default 24)")
+    p.add_argument("--frames", type=_positive_int, default=3, help="frames per sequence (default 3)")
+    p.add_argument("--no-real", action="store_true", help="leave out the real spine-phantom volume")
+    p.add_argument("--steps", type=_positive_int, default=3000, help="optimiser steps (default 3000)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="crops per step (default 4)")
+    p.add_argument("--crop", type=_positive_int, nargs=3, default=(32, 64, 64), metavar=("K", "J", "I"),
+                   help="crop size in voxels (default 32 64 64; J and I multiples of 16)")
+    p.add_argument("--lr", type=_positive_float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--cache", help="folder to cache simulated volumes and OBNLM targets")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="compute device (default auto)")
+    p.set_defaults(func=cmd_train_despeckle)
 
     p = sub.add_parser("demo", help="run the main job end to end and write a report",
                        description="Simulated 4D liver sequence and a real 3D volume -> OBNLM -> metrics -> "

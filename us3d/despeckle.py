@@ -1,5 +1,8 @@
 """Despeckling of SimpleITK volumes and 4D sequences, geometry kept, frame by frame.
 
+Two methods: OBNLM (`ObnlmSettings`) and the 3D dense U-Net (`UnetSettings`, a bundled model
+by name or a model file).
+
 The frame loop takes a progress callback (called with frames done, total) and a cancel
 callback (returning True stops the run with `Cancelled`, and nothing is returned).
 """
@@ -33,6 +36,13 @@ class ObnlmSettings:
     h: float = 0.7
 
 
+@dataclasses.dataclass(frozen=True)
+class UnetSettings:
+    """U-Net despeckling: a bundled model name (see `us3d.models.bundle`) or a .pt file."""
+
+    model: str = "unet-obnlm"
+
+
 @dataclasses.dataclass
 class DespeckleResult:
     output: sitk.Image | VolumeSequence
@@ -46,31 +56,49 @@ def despeckle_array(volume: np.ndarray, settings: ObnlmSettings, device: str = "
     return out if volume.dtype == np.float64 else out.astype(np.float32)
 
 
-def despeckle(data: sitk.Image | VolumeSequence, settings: ObnlmSettings | None = None, device: str = "auto",
-              progress: Callable[[int, int], None] | None = None,
-              cancel: Callable[[], bool] | None = None) -> DespeckleResult:
-    """Despeckle a volume or every frame of a sequence; the input is left unchanged."""
-    settings = settings or ObnlmSettings()
-    used = resolve_device(device).type
+def _frame_runner(settings: ObnlmSettings | UnetSettings, device: str) -> tuple[Callable, int, str]:
+    """(function from (t, k, j, i) frames to filtered frames, frames per call, device type)."""
+    used = resolve_device(device)
+    if isinstance(settings, UnetSettings):
+        from us3d.models.bundle import load_model
+        from us3d.models.inference import predict
+
+        model = load_model(settings.model, used)
+        predict(model.module, np.zeros((1, 4, 16, 16), np.float32), used)  # first call compiles
+        return (lambda frames: predict(model.module, frames, used)), (8 if used.type == "cuda" else 1), used.type
     # Compile (or load the cached) kernel first, so that per-frame times are compute times.
     despeckle_array(np.ones((1, 4, 4), np.float32) * np.arange(4), settings, device)
+    return (lambda frames: np.stack([despeckle_array(f, settings, device) for f in frames])), 1, used.type
+
+
+def despeckle(data: sitk.Image | VolumeSequence, settings: ObnlmSettings | UnetSettings | None = None,
+              device: str = "auto", progress: Callable[[int, int], None] | None = None,
+              cancel: Callable[[], bool] | None = None) -> DespeckleResult:
+    """Despeckle a volume or every frame of a sequence; the input is left unchanged.
+
+    Frames are filtered one at a time (U-Net on CUDA: 8 at a time); `progress(done, total)`
+    is called after each, and `cancel()` returning True stops the run with `Cancelled`.
+    """
+    settings = settings or ObnlmSettings()
+    run, chunk, used = _frame_runner(settings, device)
     if isinstance(data, VolumeSequence):
         if len(data) == 0:
             raise InputError("the sequence has no frames")
         frames, times = [], []
-        for index in range(len(data)):
+        for index in range(0, len(data), chunk):
             if cancel is not None and cancel():
                 raise Cancelled()
             start = time.perf_counter()
-            frames.append(despeckle_array(data.frames[index], settings, device))
-            times.append(time.perf_counter() - start)
+            filtered = run(data.frames[index:index + chunk])
+            times += [(time.perf_counter() - start) / len(filtered)] * len(filtered)
+            frames += list(filtered.astype(np.float32, copy=False))
             if progress is not None:
-                progress(index + 1, len(data))
+                progress(len(frames), len(data))
         return DespeckleResult(data.with_frames(np.stack(frames)), times, used)
     if cancel is not None and cancel():
         raise Cancelled()
     start = time.perf_counter()
-    array = despeckle_array(sitk.GetArrayViewFromImage(data), settings, device)
+    array = run(sitk.GetArrayViewFromImage(data)[None])[0].astype(np.float32, copy=False)
     seconds = time.perf_counter() - start
     if progress is not None:
         progress(1, 1)

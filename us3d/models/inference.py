@@ -1,0 +1,130 @@
+"""U-Net inference on volumes of any size: normalisation, padding, tiling with blended seams.
+
+Volumes are (k, j, i) arrays and sequences (t, k, j, i). The model sees each frame
+mean-centred and divided by its standard deviation (statistics of the whole frame, so tiles
+agree), with j and i padded to multiples of 16; the output is scaled back and cropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from us3d.models.unet import SIZE_MULTIPLE
+
+#: Largest tile (k, j, i) in voxels per axis; bigger volumes are split into overlapping tiles.
+DEFAULT_TILE = (64, 256, 256)
+#: Overlap of neighbouring tiles (k, j, i) in voxels, blended with linear ramps.
+TILE_OVERLAP = (8, 32, 32)
+
+
+def normalisation(volume: np.ndarray) -> tuple[float, float]:
+    """(mean, std) used to normalise a frame; std is 1 for a constant frame."""
+    mean = float(volume.mean(dtype=np.float64))
+    std = float(volume.std(dtype=np.float64))
+    return mean, std if std > 0 else 1.0
+
+
+def _starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, size - tile, step))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, overlap: int, first: bool, last: bool) -> np.ndarray:
+    """Blending weights along one axis of a tile: the outer quarter of each overlap, where the
+    model sees the tile's edge, is dropped (weight 0); a linear ramp spans the rest."""
+    ramp = np.ones(length, np.float32)
+    margin = overlap // 4
+    distance = np.arange(overlap, dtype=np.float32)
+    rise = np.clip((distance - margin + 1) / (overlap - 2 * margin + 1), 0.0, 1.0)
+    if not first:
+        ramp[:overlap] = np.minimum(ramp[:overlap], rise)
+    if not last:
+        ramp[-overlap:] = np.minimum(ramp[-overlap:], rise[::-1])
+    return ramp
+
+
+def _run_padded(module: torch.jit.ScriptModule, batch: torch.Tensor) -> torch.Tensor:
+    """module on (b, 1, k, j, i) with j and i padded (edge values) to multiples of 16, cropped back."""
+    j, i = batch.shape[-2:]
+    pad_j, pad_i = (-j) % SIZE_MULTIPLE, (-i) % SIZE_MULTIPLE
+    if pad_j or pad_i:
+        batch = F.pad(batch, (0, pad_i, 0, pad_j, 0, 0), mode="replicate")
+    return module(batch)[..., :j, :i]
+
+
+def _predict_normalised(module, frames: torch.Tensor, tile: tuple[int, int, int], batch_frames: int) -> torch.Tensor:
+    """Model output for normalised frames (t, k, j, i) on the module's device, tiled."""
+    t, *shape = frames.shape
+    tile = tuple(min(s, m) for s, m in zip(shape, tile))
+    overlap = tuple(min(o, m // 4) for o, m in zip(TILE_OVERLAP, tile))
+    starts = [_starts(s, m, o) for s, m, o in zip(shape, tile, overlap)]
+    if all(len(s) == 1 for s in starts):
+        outputs = [_run_padded(module, frames[b:b + batch_frames, None])[:, 0]
+                   for b in range(0, t, batch_frames)]
+        return torch.cat(outputs)
+    result = torch.zeros_like(frames)
+    weight_sum = torch.zeros(shape, dtype=frames.dtype, device=frames.device)
+    for corner in itertools.product(*starts):
+        region = tuple(slice(c, c + m) for c, m in zip(corner, tile))
+        ramps = [_ramp(m, o, c == 0, c + m == s) for c, m, o, s in zip(corner, tile, overlap, shape)]
+        weight = torch.from_numpy(np.einsum("k,j,i->kji", *ramps)).to(frames.device)
+        for b in range(0, t, batch_frames):
+            piece = _run_padded(module, frames[(slice(b, b + batch_frames), None) + region])[:, 0]
+            result[(slice(b, b + batch_frames),) + region] += piece * weight
+        weight_sum[region] += weight
+    return result / weight_sum
+
+
+def run_with_fallback(attempt: Callable[[torch.device, tuple[int, int, int], int], np.ndarray],
+                      device: torch.device, tile: tuple[int, int, int], batch_frames: int) -> np.ndarray:
+    """attempt(device, tile, batch_frames), retried after CUDA out-of-memory errors: fewer frames
+    per batch, then halved tiles (down to 32x64x64), then the CPU; a warning each time."""
+    while True:
+        try:
+            return attempt(device, tile, batch_frames)
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda":
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch_frames > 1:
+                batch_frames = max(1, batch_frames // 2)
+                warnings.warn(f"CUDA out of memory: retrying with {batch_frames} frame(s) per batch")
+            elif tile[1] > 64 or tile[2] > 64:
+                tile = (max(32, tile[0] // 2), max(64, tile[1] // 2), max(64, tile[2] // 2))
+                warnings.warn(f"CUDA out of memory: retrying with tiles of {tile[0]}x{tile[1]}x{tile[2]} voxels")
+            else:
+                warnings.warn("CUDA out of memory even with small tiles: running on the CPU instead")
+                device = torch.device("cpu")
+
+
+def predict(module: torch.jit.ScriptModule, frames: np.ndarray, device: torch.device,
+            tile: tuple[int, int, int] = DEFAULT_TILE, batch_frames: int | None = None) -> np.ndarray:
+    """Despeckled frames (t, k, j, i) float32 from input frames (t, k, j, i), any real dtype.
+
+    On CUDA, frames are batched; out-of-memory errors are handled by `run_with_fallback`.
+    """
+    if frames.ndim != 4:
+        raise ValueError("frames must be a (t, k, j, i) array")
+    if batch_frames is None:
+        batch_frames = 8 if device.type == "cuda" else 1
+    stats = [normalisation(frame) for frame in frames]
+    normalised = np.stack([(frame.astype(np.float32) - m) / s for frame, (m, s) in zip(frames, stats)])
+
+    def attempt(device: torch.device, tile: tuple[int, int, int], batch_frames: int) -> np.ndarray:
+        with torch.inference_mode():
+            on_device = module.to(device)
+            output = _predict_normalised(on_device, torch.from_numpy(normalised).to(device), tile, batch_frames)
+            return output.float().cpu().numpy()
+
+    output = run_with_fallback(attempt, device, tile, batch_frames)
+    return np.stack([out * s + m for out, (m, s) in zip(output, stats)]).astype(np.float32)

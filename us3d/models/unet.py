@@ -1,0 +1,99 @@
+"""The 3D dense U-Net despeckler (after the paper's architecture).
+
+Arrays are (batch, channel, k, j, i): k is the elevation axis, (j, i) the B-mode plane.
+Max-pooling halves only j and i, so 32 elevation slices stay 32 slices at every level.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: (j, i) sizes must be multiples of this: four in-plane poolings.
+SIZE_MULTIPLE = 16
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that calls oneDNN directly on CPU float32 tensors.
+
+    torch's own heuristic sends single-volume inputs with few channels to a slow reference
+    kernel; oneDNN on channels-last tensors is 3-30x faster there. Same weights, same result.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            weight = self.weight.contiguous(memory_format=torch.channels_last_3d)
+            return torch.mkldnn_convolution(x.contiguous(memory_format=torch.channels_last_3d), weight, self.bias,
+                                            [p for p in self.padding], [1, 1, 1], [1, 1, 1], 1)
+        return F.conv3d(x, self.weight, self.bias, padding=self.padding)
+
+
+class DenseBlock(nn.Module):
+    """`layers` 3x3x3 convolutions + ReLU; each sees the concatenation of the block's input and
+    every earlier output in the block (dense connections); the block returns that concatenation
+    squeezed to `out_channels` by a 1x1x1 convolution."""
+
+    def __init__(self, in_channels: int, growth: int, layers: int, out_channels: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList()
+        channels = in_channels
+        for _ in range(layers):
+            self.convs.append(Conv3d(channels, growth, 3, padding=1))
+            channels += growth
+        self.squeeze = Conv3d(channels, out_channels, 1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for conv in self.convs:
+            features.append(self.relu(conv(torch.cat(features, 1))))
+        return self.relu(self.squeeze(torch.cat(features, 1)))
+
+
+class DenseUNet3D(nn.Module):
+    """Encoder of 4 levels, a bottom block, decoder of 4 levels; skips between matching levels.
+
+    widths: channels of levels 1-4 and of the bottom block. The output is the input plus a
+    learned correction (global residual), in the normalised intensity scale of the input.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (8, 16, 32, 48, 64), growth: tuple[int, ...] = (4, 8, 16, 24, 32),
+                 layers: int = 2) -> None:
+        super().__init__()
+        if len(widths) != 5 or len(growth) != 5:
+            raise ValueError("widths and growth need 5 entries: levels 1-4 and the bottom block")
+        self.widths = tuple(widths)
+        self.encoders = nn.ModuleList()
+        channels = 1
+        for level in range(4):
+            self.encoders.append(DenseBlock(channels, growth[level], layers, widths[level]))
+            channels = widths[level]
+        self.pool = nn.MaxPool3d((1, 2, 2))
+        self.bottom = DenseBlock(widths[3], growth[4], layers, widths[4])
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        channels = widths[4]
+        for level in reversed(range(4)):
+            self.ups.append(nn.ConvTranspose3d(channels, widths[level], (1, 2, 2), stride=(1, 2, 2)))
+            self.decoders.append(DenseBlock(2 * widths[level], growth[level], layers, widths[level]))
+            channels = widths[level]
+        self.head = Conv3d(widths[0], 1, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != 1 or x.shape[3] % 16 != 0 or x.shape[4] % 16 != 0:
+            raise ValueError("input must be (batch, 1, k, j, i) with j and i multiples of 16")
+        skips: List[torch.Tensor] = []
+        y = x
+        for encoder in self.encoders:
+            y = encoder(y)
+            skips.append(y)
+            y = self.pool(y)
+        y = self.bottom(y)
+        for index, (up, decoder) in enumerate(zip(self.ups, self.decoders)):
+            y = decoder(torch.cat([up(y), skips[3 - index]], 1))
+        return x + self.head(y).contiguous()
