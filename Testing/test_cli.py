@@ -99,7 +99,7 @@ def test_output_over_input_is_refused(sample_dir, tmp_path):
 
 
 def test_help_on_every_command():
-    for command in ("despeckle", "metrics", "phantom", "demo"):
+    for command in ("despeckle", "metrics", "phantom", "demo", "models", "train-despeckle"):
         code, out, _ = run(command, "--help")
         assert code == 0 and "usage: us3d" in out
 
@@ -107,11 +107,55 @@ def test_help_on_every_command():
 def test_demo_writes_report_views_and_volumes(tmp_path):
     assert main(["demo", str(tmp_path / "demo"), "--frames", "2"]) == 0
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| liver phantom, frame 1 |" in report and "| spine phantom" in report
-    for name in ("liver_frame0", "spine"):
+    assert "| liver phantom, frame 1 | unet-sim |" in report and "| spine phantom (real, inside sweep) | unet-obnlm |" in report
+    for name, panels in (("liver_frame0", 4), ("spine", 3)):
         for view in ("axial-k", "plane-j", "plane-i"):
             png = tmp_path / "demo" / f"{name}-{view}.png"
             assert f"]({png.name})" in report
             image = sitk.GetArrayFromImage(sitk.ReadImage(str(png)))
-            assert image.ndim == 2 and image.shape[1] > 2 * 100 and image.std() > 10
-    assert read_sequence(tmp_path / "demo" / "liver_obnlm.seq.nrrd").frames.shape == (2, 32, 128, 128)
+            assert image.ndim == 2 and image.shape[1] > panels * 100 and image.std() > 10
+    for method in ("obnlm", "unet-obnlm", "unet-sim"):
+        assert read_sequence(tmp_path / "demo" / f"liver_{method}.seq.nrrd").frames.shape == (2, 32, 128, 128)
+
+
+def test_despeckle_with_bundled_unet_and_bad_model(sample_dir, tmp_path):
+    output = tmp_path / "mouse_unet.nrrd"
+    code, out, err = run("despeckle", str(sample_dir / "MouseLiverB.mha"), str(output), "--method", "unet",
+                         "--device", "cpu")
+    assert code == 0 and "U-Net unet-obnlm" in out, err
+    filtered = sitk.ReadImage(str(output))
+    original = sitk.ReadImage(str(sample_dir / "MouseLiverB.mha"))
+    assert filtered.GetSize() == original.GetSize() and filtered.GetDirection() == original.GetDirection()
+    code, out, err = run("despeckle", str(sample_dir / "MouseLiverB.mha"), str(tmp_path / "x.nrrd"),
+                         "--method", "unet", "--model", "unet-missing")
+    assert code == 2 and "unknown model 'unet-missing'" in err and not (tmp_path / "x.nrrd").exists()
+    code, out, _ = run("models")
+    assert code == 0 and "unet-obnlm" in out and "unet-sim" in out and "CORRUPT" not in out
+
+
+def test_train_despeckle_writes_a_loadable_model_card_and_log(tmp_path):
+    model = tmp_path / "tiny.pt"
+    code, out, err = run("train-despeckle", str(model), "--sequences", "1", "--frames", "1", "--steps", "2",
+                         "--batch-size", "1", "--crop", "8", "32", "32", "--target", "clean")
+    assert code == 0, err
+    from us3d.models.bundle import load_model
+
+    loaded = load_model(str(model))
+    assert loaded.metadata["target"] == "clean" and loaded.metadata["training"]["steps"] == 2
+    assert "| phantom seed 9000 frame 0 |" in model.with_suffix(".md").read_text()
+    assert len(model.with_suffix(".log.jsonl").read_text().splitlines()) == 1
+    code, _, err = run("train-despeckle", str(tmp_path / "bad.pt"), "--crop", "8", "30", "32")
+    assert code == 2 and "multiples of 16" in err
+
+
+def test_train_despeckle_data_parallel_under_torchrun(tmp_path):
+    model = tmp_path / "ddp.pt"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(torchrun + ["-m", "us3d", "train-despeckle", str(model), "--sequences", "1", "--frames",
+                                      "1", "--steps", "2", "--batch-size", "1", "--crop", "8", "32", "32",
+                                      "--threads", "1", "--cache", str(tmp_path / "cache"), "--target", "clean"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from us3d.models.bundle import load_model
+
+    assert load_model(str(model)).metadata["training"]["processes"] == 2

@@ -1,8 +1,9 @@
 """`us3d demo`: the main job end to end on built-in data, with a Markdown report.
 
 A simulated 4D liver sequence (with ground truth) and the real spine-phantom volume are
-despeckled with OBNLM (project default: slice-wise, M=3, alpha=1, h=0.7); metrics and
-side-by-side views (input | OBNLM) in three orthogonal planes go into report.md.
+despeckled with OBNLM (project default: slice-wise, M=3, alpha=1, h=0.7) and the bundled
+U-Nets; metrics and side-by-side views (input | OBNLM | U-Net) in three orthogonal planes go
+into report.md, like the paper's Fig. 2.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from us3d import __version__, metrics
-from us3d.despeckle import ObnlmSettings, despeckle
+from us3d.despeckle import ObnlmSettings, UnetSettings, despeckle
 from us3d.io import VolumeSequence, atomic_outputs, read_volume, write_any
 from us3d.phantom import LABELS, frame_time_values, simulate_sequence
 from us3d.resources import sample_data
@@ -30,56 +31,71 @@ def _lesion_masks(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lesions, labels == LABELS["parenchyma"]
 
 
+def _liver_rows(phantom, method: str, filtered: np.ndarray, seconds: list[float]) -> list[dict]:
+    rows = []
+    for t in range(len(filtered)):
+        lesion, parenchyma = _lesion_masks(phantom.labels[t])
+        original, clean = phantom.bmode[t].astype(np.float64), phantom.echogenicity[t]
+        output = filtered[t].astype(np.float64) if method != "input" else original
+        rows.append({
+            "volume": f"liver phantom, frame {t}", "method": method,
+            "smpi": metrics.smpi(original, output) if method != "input" else None,
+            "gcnr": metrics.gcnr(output, lesion, parenchyma),
+            "psnr": metrics.psnr(output, clean, data_range=255),
+            "seconds": seconds[t] if seconds else None,
+        })
+    return rows
+
+
 def run_demo(outdir: Path, frames: int = 4, seed: int = 0, device: str = "auto",
              progress: Callable[[int, int], None] | None = None) -> Path:
+    """Despeckle a simulated 4D liver sequence and the real spine volume with OBNLM and both
+    bundled U-Nets; write volumes, side-by-side views and report.md into `outdir`."""
     outdir.mkdir(parents=True, exist_ok=True)
-    settings = ObnlmSettings()
+    methods = {"OBNLM": ObnlmSettings(), "unet-obnlm": UnetSettings("unet-obnlm"), "unet-sim": UnetSettings("unet-sim")}
     rows = []
 
     # 1. Simulated 4D liver sequence with known clean echogenicity and labels.
     phantom = simulate_sequence(frames, seed)
     sequence = VolumeSequence(phantom.bmode, phantom.spacing,
                               index_values=frame_time_values(frames, phantom.frame_interval))
-    result = despeckle(sequence, settings, device, progress=progress)
-    filtered = result.output.frames
-    for t in range(frames):
-        lesion, parenchyma = _lesion_masks(phantom.labels[t])
-        original, clean = phantom.bmode[t].astype(np.float64), phantom.echogenicity[t]
-        rows.append({
-            "volume": f"liver phantom, frame {t}",
-            "smpi": metrics.smpi(original, filtered[t]),
-            "gcnr_in": metrics.gcnr(original, lesion, parenchyma),
-            "gcnr_out": metrics.gcnr(filtered[t], lesion, parenchyma),
-            "psnr_in": metrics.psnr(original, clean, data_range=255),
-            "psnr_out": metrics.psnr(filtered[t], clean, data_range=255),
-            "seconds": result.seconds_per_frame[t],
-        })
+    liver = {name: despeckle(sequence, settings, device, progress=progress) for name, settings in methods.items()}
+    rows += _liver_rows(phantom, "input", phantom.bmode, [])
+    for name, result in liver.items():
+        rows += _liver_rows(phantom, name, result.output.frames, result.seconds_per_frame)
+    rows.sort(key=lambda row: row["volume"])
 
-    # 2. Real 3D B-mode volume (spine phantom, freehand sweep).
+    # 2. Real 3D B-mode volume (spine phantom, freehand sweep): no ground truth.
     spine = read_volume(sample_data(SPINE))
-    spine_result = despeckle(spine, settings, device)
     spine_in = sitk.GetArrayFromImage(spine).astype(np.float64)
-    spine_out = sitk.GetArrayFromImage(spine_result.output)
     hull = spine_in > 0  # voxels inside the sweep; the rest of the volume is empty
-    rows.append({
-        "volume": "spine phantom (real, inside sweep)",
-        "smpi": metrics.smpi(spine_in, spine_out, hull),
-        "gcnr_in": None, "gcnr_out": None, "psnr_in": None, "psnr_out": None,
-        "seconds": spine_result.seconds_per_frame[0],
-    })
+    spine_out = {}
+    for name in ("OBNLM", "unet-obnlm"):
+        result = despeckle(spine, methods[name], device)
+        spine_out[name] = result.output
+        rows.append({"volume": "spine phantom (real, inside sweep)", "method": name,
+                     "smpi": metrics.smpi(spine_in, sitk.GetArrayFromImage(result.output), hull),
+                     "gcnr": None, "psnr": None, "seconds": result.seconds_per_frame[0]})
 
-    outputs = [outdir / "liver_input.seq.nrrd", outdir / "liver_obnlm.seq.nrrd", outdir / "spine_obnlm.nrrd"]
-    with atomic_outputs(outputs) as temporaries:
-        write_any(sequence, temporaries[0])
-        write_any(result.output, temporaries[1])
-        write_any(spine_result.output, temporaries[2])
+    outputs = {outdir / "liver_input.seq.nrrd": sequence,
+               outdir / "liver_obnlm.seq.nrrd": liver["OBNLM"].output,
+               outdir / "liver_unet-obnlm.seq.nrrd": liver["unet-obnlm"].output,
+               outdir / "liver_unet-sim.seq.nrrd": liver["unet-sim"].output,
+               outdir / "spine_obnlm.nrrd": spine_out["OBNLM"],
+               outdir / "spine_unet-obnlm.nrrd": spine_out["unet-obnlm"]}
+    with atomic_outputs(list(outputs)) as temporaries:
+        for temporary, data in zip(temporaries, outputs.values()):
+            write_any(data, temporary)
 
-    liver_views = write_comparison([phantom.bmode[0].astype(np.float32), filtered[0]], phantom.spacing,
-                                   str(outdir / "liver_frame0"), window=(0.0, 255.0))
-    spine_views = write_comparison([spine_in.astype(np.float32), spine_out], spine.GetSpacing(),
-                                   str(outdir / "spine"), window=display_window(spine_in))
+    liver_views = write_comparison([phantom.bmode[0].astype(np.float32)] +
+                                   [liver[name].output.frames[0] for name in methods],
+                                   phantom.spacing, str(outdir / "liver_frame0"), window=(0.0, 255.0))
+    spine_views = write_comparison([spine_in.astype(np.float32)] +
+                                   [sitk.GetArrayFromImage(spine_out[name]) for name in ("OBNLM", "unet-obnlm")],
+                                   spine.GetSpacing(), str(outdir / "spine"), window=display_window(spine_in))
     report = outdir / "report.md"
-    report.write_text(_report(rows, settings, result.device, liver_views, spine_views, frames, seed))
+    report.write_text(_report(rows, methods["OBNLM"], liver["OBNLM"].device, liver_views, spine_views,
+                              [p.name for p in outputs], frames, seed))
     return report
 
 
@@ -87,32 +103,33 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _report(rows, settings, device, liver_views, spine_views, frames, seed) -> str:
+def _report(rows, settings, device, liver_views, spine_views, files, frames, seed) -> str:
     lines = [
         "# us3d demo report",
         "",
         f"us3d {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
         f"{platform.machine()}, device: {device}.",
         "",
-        f"OBNLM ({settings.mode}, M={settings.search_radius}, alpha={settings.block_radius}, h={settings.h}) "
-        f"on a simulated 4D liver sequence ({frames} frames, seed {seed}, 128x128x32 voxels of 0.4x0.3x0.8 mm, "
-        "breathing motion) and on a real 3D B-mode volume of a spine phantom (PLUS toolkit data, BSD-3-Clause).",
+        f"OBNLM ({settings.mode}, M={settings.search_radius}, alpha={settings.block_radius}, h={settings.h}) and "
+        "the bundled 3D dense U-Nets (`unet-obnlm`: trained to reproduce that OBNLM; `unet-sim`: trained on the "
+        f"simulator's speckle-free truth) on a simulated 4D liver sequence ({frames} frames, seed {seed}, "
+        "128x128x32 voxels of 0.4x0.3x0.8 mm, breathing motion; never seen in training) and on a real 3D B-mode "
+        "volume of a spine phantom (PLUS toolkit data, BSD-3-Clause).",
         "",
         "SMPI: speckle suppression and mean preservation index of the output against the input (lower is better). "
         "gCNR: lesions and cyst against liver parenchyma (1 = separable). PSNR: against the simulator's "
-        "speckle-free echogenicity (ground truth, grey levels, peak 255).",
+        "speckle-free echogenicity (ground truth, grey levels, peak 255). Run time: per volume.",
         "",
-        "| volume | SMPI | gCNR input | gCNR OBNLM | PSNR input (dB) | PSNR OBNLM (dB) | OBNLM run time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| volume | method | SMPI | gCNR | PSNR (dB) | run time (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['volume']} | {_fmt(row['smpi'])} | {_fmt(row['gcnr_in'])} | {_fmt(row['gcnr_out'])} "
-                     f"| {_fmt(row['psnr_in'], 2)} | {_fmt(row['psnr_out'], 2)} | {_fmt(row['seconds'], 2)} |")
-    lines += ["", "## Liver phantom, frame 0 (input | OBNLM)", ""]
+        lines.append(f"| {row['volume']} | {row['method']} | {_fmt(row['smpi'])} | {_fmt(row['gcnr'])} "
+                     f"| {_fmt(row['psnr'], 2)} | {_fmt(row['seconds'], 3)} |")
     names = ("B-mode plane (k = centre)", "j = centre", "i = centre")
+    lines += ["", "## Liver phantom, frame 0 (input | OBNLM | unet-obnlm | unet-sim)", ""]
     lines += [f"![{n}]({Path(p).name})" + "  " for n, p in zip(names, liver_views)]
-    lines += ["", "## Spine phantom (input | OBNLM)", ""]
+    lines += ["", "## Spine phantom (input | OBNLM | unet-obnlm)", ""]
     lines += [f"![{n}]({Path(p).name})" + "  " for n, p in zip(names, spine_views)]
-    lines += ["", "Volumes for 3D Slicer: `liver_input.seq.nrrd`, `liver_obnlm.seq.nrrd` (4D sequences), "
-              "`spine_obnlm.nrrd`.", ""]
+    lines += ["", "Volumes for 3D Slicer: " + ", ".join(f"`{name}`" for name in files) + ".", ""]
     return "\n".join(lines)

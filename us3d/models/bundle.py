@@ -120,6 +120,11 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu") -> LoadedM
     if weights_sha256(module) != metadata["weights_sha256"]:
         raise InputError(f"the weights in {path} do not match the sha256 recorded in its metadata")
     module = module.to(device).eval()
+    if torch.device(device).type == "cpu":  # the CPU convolutions run channels-last (see unet.Conv3d)
+        with torch.no_grad():
+            for parameter in module.parameters():
+                if parameter.dim() == 5:
+                    parameter.data = parameter.data.contiguous(memory_format=torch.channels_last_3d)
     return LoadedModel(module, metadata, path, name)
 
 
