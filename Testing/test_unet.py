@@ -88,11 +88,11 @@ def test_tiled_u_net_is_close_to_whole_volume(model_file):
 
 def test_sequence_frames_match_single_volume_runs(model_file, tmp_path):
     frames = np.random.default_rng(5).gamma(2.0, 30.0, (3, 4, 32, 48)).astype(np.float32)
-    sequence = VolumeSequence(frames, (0.4, 0.3, 0.8), origin=(1.0, 2.0, 3.0), index_values=[0.0, 0.5, 1.0])
+    sequence = VolumeSequence(frames, (0.4, 0.3, 0.8), origin=(1.0, 2.0, 3.0), index_values=["0", "0.5", "1"])
     seen = []
     result = despeckle(sequence, UnetSettings(str(model_file)), "cpu", progress=lambda d, t: seen.append((d, t)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
-    assert result.output.index_values == [0.0, 0.5, 1.0] and result.output.origin == (1.0, 2.0, 3.0)
+    assert result.output.index_values == ["0", "0.5", "1"] and result.output.origin == (1.0, 2.0, 3.0)
     module = load_model(str(model_file)).module
     np.testing.assert_allclose(result.output.frames[1], predict(module, frames[1:2], CPU)[0], atol=1e-4)
     calls = iter([False, False, True])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from us3d.errors import InputError
@@ -15,3 +16,15 @@ def sample_data(name: str) -> Path:
     if not path.exists():
         raise InputError(f"sample data {name} not found at {path}; is the extension's Resources folder installed?")
     return path
+
+
+def read_manifest(manifest: Path | None = None) -> dict[str, dict]:
+    """Bundled models by name (Resources/Models/manifest.json): {"file", "sha256", "target", "card"}."""
+    manifest = manifest or RESOURCES / "Models" / "manifest.json"
+    if not manifest.exists():
+        return {}
+    return {entry["name"]: entry for entry in json.loads(manifest.read_text())["models"]}
+
+
+def bundled_model_names() -> list[str]:
+    return sorted(read_manifest())

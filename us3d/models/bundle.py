@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from us3d.errors import InputError
+from us3d import resources
 from us3d.resources import RESOURCES
 
 MODELS_DIR = RESOURCES / "Models"
@@ -71,14 +72,8 @@ def save_model(model: torch.nn.Module, path: str | Path, metadata: dict) -> str:
 
 
 def read_manifest() -> dict[str, dict]:
-    """Bundled models by name: {"file", "sha256", "description", ...}."""
-    if not MANIFEST.exists():
-        return {}
-    return {entry["name"]: entry for entry in json.loads(MANIFEST.read_text())["models"]}
-
-
-def bundled_model_names() -> list[str]:
-    return sorted(read_manifest())
+    """Bundled models by name: {"file", "sha256", "target", "card"}."""
+    return resources.read_manifest(MANIFEST)
 
 
 def resolve_model(name_or_path: str) -> tuple[Path, str | None, str]:

@@ -1,0 +1,322 @@
+"""USDespeckle: speckle reduction of 3D and 4D ultrasound volumes (OBNLM or a 3D dense U-Net).
+
+Thin GUI over the MRML layer (`us3dmrml`) and the logic layer (`us3d`): widgets are bound to a
+parameter node; Apply becomes Cancel while frames are processed; the self-test runs the same
+scenarios that the project's pytest suite runs on slicer-core.
+"""
+
+import importlib.util
+import os
+import sys
+import time
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+# In the source tree the shared packages (us3d, us3dmrml) sit one folder up; an installed
+# extension puts them beside this file.
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOURCE_ROOT, "us3d")):
+    sys.path.append(_SOURCE_ROOT)
+
+from us3d.dependencies import PIP_REQUIREMENTS, missing_packages  # noqa: E402  (no torch import)
+from us3d.resources import bundled_model_names  # noqa: E402
+
+METHODS = ["OBNLM", "U-Net"]
+MODELS = bundled_model_names() or ["unet-obnlm"]
+
+
+class USDespeckle(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("US Despeckle")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Ultrasound")]
+        self.parent.dependencies = ["Sequences"]
+        self.parent.contributors = ["US3D contributors"]
+        self.parent.helpText = _(
+            "Speckle reduction of 3D ultrasound volumes and of every frame of 4D sequences: the OBNLM "
+            "non-local means filter, or a 3D dense U-Net trained to reproduce it (unet-obnlm) or to recover "
+            "the speckle-free tissue (unet-sim). Pick the volume shown by a sequence browser to process all "
+            "frames. The input is never changed; the output is a new volume or sequence.")
+        self.parent.acknowledgementText = _(
+            "OBNLM: Coupe et al., IEEE TIP 2009. The U-Net follows the 3D dense U-Net for ultrasound "
+            "despeckling of 4D liver sequences. Sample data: PLUS toolkit (BSD-3-Clause), ITKUltrasound (Apache-2.0).")
+
+
+@parameterNodeWrapper
+class USDespeckleParameterNode:
+    """Module settings, saved with the scene.
+
+    inputVolume: the volume (or the proxy volume of a sequence browser, for 4D).
+    allFrames: with a sequence proxy, process every frame into a new sequence.
+    method: OBNLM or U-Net. mode, searchRadius (M), blockRadius (alpha), h: OBNLM parameters.
+    model: bundled U-Net. device: auto, cpu or cuda.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    allFrames: bool = True
+    method: Annotated[str, Choice(METHODS)] = "OBNLM"
+    mode: Annotated[str, Choice(["slicewise", "3d"])] = "slicewise"
+    searchRadius: Annotated[int, WithinRange(1, 15)] = 3
+    blockRadius: Annotated[int, WithinRange(1, 5)] = 1
+    h: Annotated[float, WithinRange(0.05, 10.0)] = 0.7
+    model: Annotated[str, Choice(MODELS)] = MODELS[0]
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    outputVolume: vtkMRMLScalarVolumeNode
+
+
+class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._running = False
+        self._cancelRequested = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/USDespeckle.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = USDespeckleLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
+        self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
+        self.ui.resultsTable.setHorizontalHeaderLabels([_("frame"), _("SMPI"), _("time (s)"), _("device")])
+        self._updateDependencyState()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[USDespeckleParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _updateDependencyState(self) -> None:
+        missing = missing_packages()
+        self.ui.installButton.visible = bool(missing)
+        if missing:
+            self.ui.statusLabel.text = _("Missing Python packages: {names}. Click 'Install dependencies' "
+                                         "(PyTorch comes from the PyTorch extension).").format(names=", ".join(missing))
+        cudaAvailable = not missing and self.logic.cudaAvailable()
+        index = self.ui.deviceComboBox.findText("cuda")
+        item = self.ui.deviceComboBox.model().item(index) if index >= 0 else None
+        if item is not None:
+            item.setEnabled(cudaAvailable)
+            item.setToolTip("" if cudaAvailable else _("No CUDA GPU is available to PyTorch"))
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self._running or not self._parameterNode:
+            return
+        params = self._parameterNode
+        self.ui.obnlmGroupBox.enabled = params.method == "OBNLM"
+        self.ui.unetGroupBox.enabled = params.method == "U-Net"
+        reason = self.logic.whyNotApplicable(params)
+        self.ui.applyButton.enabled = reason is None
+        self.ui.applyButton.toolTip = reason or _("Despeckle the input into a new volume or sequence")
+        self.ui.compareButton.enabled = params.inputVolume is not None and params.outputVolume is not None
+
+    def onApplyButton(self) -> None:
+        if self._running:
+            self._cancelRequested = True
+            self.ui.applyButton.text = _("Cancelling...")
+            return
+        self._running, self._cancelRequested = True, False
+        self.ui.applyButton.text = _("Cancel")
+        self.ui.statusLabel.text = ""
+        self.ui.progressBar.setValue(0)
+
+        def progress(done, total):
+            self.ui.progressBar.setMaximum(total)
+            self.ui.progressBar.setValue(done)
+            self.ui.progressBar.setFormat(_("frame {done}/{total}").format(done=done, total=total))
+            slicer.app.processEvents()
+
+        def cancel():
+            slicer.app.processEvents()
+            return self._cancelRequested
+
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Despeckling failed."), waitCursor=True):
+                run = self.logic.process(self._parameterNode, progress, cancel)
+                if run is None:
+                    self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+                else:
+                    self._showResults(run)
+        finally:
+            self._running = False
+            self.ui.applyButton.text = _("Apply")
+            self._checkCanApply()
+
+    def _showResults(self, run) -> None:
+        table = self.ui.resultsTable
+        table.setRowCount(len(run.smpi))
+        for row, (smpi, seconds) in enumerate(zip(run.smpi, run.seconds_per_frame)):
+            for column, text in enumerate((str(row), f"{smpi:.3f}", f"{seconds:.2f}", run.device)):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        self.ui.statusLabel.text = _("{method}: {n} frame(s), median {t:.2f} s per frame on {device}.").format(
+            method=run.method, n=len(run.smpi), t=sorted(run.seconds_per_frame)[len(run.smpi) // 2],
+            device=run.device)
+
+    def onCompareButton(self) -> None:
+        self.logic.showSideBySide(self._parameterNode.inputVolume, self._parameterNode.outputVolume)
+
+    def onInstallButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
+            self.logic.installDependencies()
+        self._updateDependencyState()
+        self._checkCanApply()
+
+
+class USDespeckleLogic(ScriptedLoadableModuleLogic):
+    """GUI-free: raises exceptions, takes progress and cancel callbacks."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return USDespeckleParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def cudaAvailable() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    @staticmethod
+    def installDependencies() -> None:
+        """PyTorch through the PyTorch extension (its own choice of CUDA build), the rest with pip,
+        pinned; only on the user's click, never at import."""
+        if importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise RuntimeError(_("Install the PyTorch extension from the Extensions Manager first.")) from None
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+                raise RuntimeError(_("PyTorch was not installed."))
+        missing = [requirement for name, requirement in PIP_REQUIREMENTS.items() if name in missing_packages()]
+        if missing:
+            slicer.util.pip_install(missing)
+
+    def whyNotApplicable(self, params) -> Optional[str]:
+        """None when Apply can run, else the reason (shown as the button's tooltip)."""
+        if missing_packages():
+            return _("Install the missing Python packages first")
+        from us3d.errors import InputError
+        from us3dmrml.nodes import check_volume_node
+
+        try:
+            check_volume_node(params.inputVolume)
+        except InputError as error:
+            return str(error)
+        if params.device == "cuda" and not self.cudaAvailable():
+            return _("No CUDA GPU is available; choose auto or cpu")
+        return None
+
+    def settings(self, params):
+        from us3d.despeckle import ObnlmSettings, UnetSettings
+
+        if params.method == "U-Net":
+            return UnetSettings(params.model)
+        return ObnlmSettings(params.mode, params.searchRadius, params.blockRadius, params.h)
+
+    def process(self, params, progress=None, cancel=None):
+        """Despeckle into new nodes; returns the run (output, SMPI, times), or None if cancelled."""
+        from us3d.despeckle import Cancelled
+        from us3dmrml.despeckle import despeckle_sequence_node, despeckle_volume_node
+        from us3dmrml.nodes import sequence_of_proxy_node
+
+        scene = slicer.mrmlScene
+        sequence, browser = sequence_of_proxy_node(scene, params.inputVolume)
+        start = time.time()
+        try:
+            if sequence is not None and params.allFrames:
+                run = despeckle_sequence_node(scene, sequence, self.settings(params), params.device, progress, cancel,
+                                              browser_node=browser, sequences_logic=slicer.modules.sequences.logic())
+                params.outputVolume = browser.GetProxyNode(run.output_node)
+            else:
+                run = despeckle_volume_node(scene, params.inputVolume, self.settings(params), params.device,
+                                            progress, cancel)
+                params.outputVolume = run.output_node
+        except Cancelled:
+            return None
+        slicer.util.showStatusMessage(_("Despeckled in {t:.1f} s").format(t=time.time() - start), 3000)
+        return run
+
+    @staticmethod
+    def showSideBySide(inputVolume, outputVolume) -> None:
+        """Input | output in two linked slice views."""
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        for viewName, volume in (("Red", inputVolume), ("Yellow", outputVolume)):
+            composite = layoutManager.sliceWidget(viewName).mrmlSliceCompositeNode()
+            composite.SetBackgroundVolumeID(volume.GetID())
+            composite.SetForegroundVolumeID(None)
+            composite.SetLinkedControl(True)
+            sliceNode = layoutManager.sliceWidget(viewName).mrmlSliceNode()
+            sliceNode.SetOrientation("Axial")
+        slicer.util.resetSliceViews()
+
+
+class USDespeckleTest(ScriptedLoadableModuleTest):
+    """The scenarios of us3dmrml.selftests, on Slicer's scene (pytest runs them on slicer-core)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        from us3dmrml.selftests import DESPECKLE_SCENARIOS
+
+        for scenario, needsSequencesLogic in DESPECKLE_SCENARIOS:
+            self.setUp()
+            self.delayDisplay(f"Running {scenario.__name__}")
+            if needsSequencesLogic:
+                scenario(slicer.mrmlScene, slicer.modules.sequences.logic())
+            else:
+                scenario(slicer.mrmlScene)
+        self.delayDisplay("USDespeckle self-test passed")

@@ -1,0 +1,211 @@
+"""Self-test scenarios over a MRML scene, written once and run in two places: by the modules'
+ScriptedLoadableModuleTest inside Slicer, and by pytest on slicer-core (Testing/).
+
+Each scenario takes a scene (and, where needed, a sequences logic), raises AssertionError on
+failure and removes the nodes it added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import slicer
+import vtk
+
+from us3d.despeckle import Cancelled, ObnlmSettings, UnetSettings, despeckle_array
+from us3d.errors import InputError
+from us3dmrml.despeckle import despeckle_sequence_node, despeckle_volume_node
+from us3dmrml.nodes import _set_geometry, _set_voxels, array_from_volume_node
+
+SPACING = (0.4, 0.3, 0.8)
+ORIGIN_LPS = (12.5, -30.0, 7.25)
+# An oblique direction (rotation about the elevation axis), columns in LPS.
+_ANGLE = np.deg2rad(20.0)
+DIRECTION_LPS = (np.cos(_ANGLE), -np.sin(_ANGLE), 0.0, np.sin(_ANGLE), np.cos(_ANGLE), 0.0, 0.0, 0.0, 1.0)
+
+
+def speckle_volume(shape=(6, 40, 48), seed: int = 0) -> np.ndarray:
+    """Rayleigh speckle over two regions, log-compressed to uint8, (k, j, i)."""
+    rng = np.random.default_rng(seed)
+    envelope = rng.rayleigh(1.0, shape) * np.where(np.arange(shape[2]) < shape[2] // 2, 1.0, 2.5)
+    return np.clip(40 * np.log(1 + 4 * envelope) + 20, 0, 255).astype(np.uint8)
+
+
+def add_volume(scene, array: np.ndarray, name: str = "US volume"):
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    _set_voxels(node, array)
+    _set_geometry(node, SPACING, ORIGIN_LPS, DIRECTION_LPS)
+    scene.AddNode(node)
+    return node
+
+
+def add_sequence(scene, frames: int = 5, name: str = "US sequence"):
+    """A sequence of `frames` speckle volumes (index values 0, 0.2, ...) and its browser."""
+    sequence = slicer.vtkMRMLSequenceNode()
+    sequence.SetName(name)
+    for t in range(frames):
+        node = slicer.vtkMRMLScalarVolumeNode()
+        _set_voxels(node, speckle_volume(seed=t))
+        _set_geometry(node, SPACING, ORIGIN_LPS, DIRECTION_LPS)
+        sequence.SetDataNodeAtValue(node, f"{0.2 * t:g}")
+    scene.AddNode(sequence)
+    browser = slicer.vtkMRMLSequenceBrowserNode()
+    browser.SetName(name + " browser")
+    scene.AddNode(browser)
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    return sequence, browser
+
+
+def volume_hash(node) -> str:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    digest = hashlib.sha256(array_from_volume_node(node).tobytes())
+    digest.update(np.array([matrix.GetElement(r, c) for r in range(4) for c in range(4)]).tobytes())
+    return digest.hexdigest()
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _remove(scene, *nodes) -> None:
+    for node in nodes:
+        if node is not None and node.GetScene() is scene:
+            if node.IsA("vtkMRMLSequenceNode"):
+                for n in range(node.GetNumberOfDataNodes()):
+                    node.GetNthDataNode(n)  # frames live inside the sequence's own scene
+            scene.RemoveNode(node)
+
+
+def scenario_volume_keeps_geometry_and_input(scene, settings=None) -> None:
+    """OBNLM (or `settings`) on an oblique volume: new node, same geometry, input unchanged."""
+    settings = settings or ObnlmSettings()
+    array = speckle_volume()
+    node = add_volume(scene, array)
+    before = volume_hash(node)
+    run = despeckle_volume_node(scene, node, settings, "cpu")
+    try:
+        assert run.output_node is not node and run.output_node.GetScene() is scene
+        assert volume_hash(node) == before, "the input volume was changed"
+        np.testing.assert_allclose(ijk_to_ras(run.output_node), ijk_to_ras(node), atol=1e-9)
+        output = array_from_volume_node(run.output_node)
+        assert output.shape == array.shape and output.dtype == np.float32
+        if isinstance(settings, ObnlmSettings):
+            np.testing.assert_allclose(output, despeckle_array(array.astype(np.float32), settings, "cpu"), atol=1e-4)
+        assert len(run.smpi) == 1 and np.isfinite(run.smpi[0]) and run.seconds_per_frame[0] > 0
+        assert output.std() < array.std(), "speckle was not reduced"
+    finally:
+        _remove(scene, node, run.output_node)
+
+
+def scenario_sequence_in_sequence_out(scene, sequences_logic=None, settings=None) -> None:
+    """Every frame despeckled into a new sequence with the same index values, in the same browser."""
+    settings = settings or ObnlmSettings()
+    sequence, browser = add_sequence(scene)
+    frames_before = [volume_hash(sequence.GetNthDataNode(n)) for n in range(5)]
+    seen = []
+    run = despeckle_sequence_node(scene, sequence, settings, "cpu", progress=lambda d, t: seen.append((d, t)),
+                                  browser_node=browser, sequences_logic=sequences_logic)
+    out = run.output_node
+    try:
+        assert seen == [(n, 5) for n in range(1, 6)]
+        assert [out.GetNthIndexValue(n) for n in range(5)] == [sequence.GetNthIndexValue(n) for n in range(5)]
+        assert out.GetIndexName() == sequence.GetIndexName() and out.GetIndexUnit() == sequence.GetIndexUnit()
+        assert browser.IsSynchronizedSequenceNodeID(out.GetID())
+        if sequences_logic is not None:
+            assert browser.GetProxyNode(out) is not None
+        for n in range(5):
+            np.testing.assert_allclose(ijk_to_ras(out.GetNthDataNode(n)), ijk_to_ras(sequence.GetNthDataNode(n)),
+                                       atol=1e-9)
+        assert [volume_hash(sequence.GetNthDataNode(n)) for n in range(5)] == frames_before
+        assert len(run.smpi) == 5 and len(run.seconds_per_frame) == 5
+    finally:
+        proxy = browser.GetProxyNode(out)
+        _remove(scene, proxy, browser.GetProxyNode(sequence), browser, out, sequence)
+
+
+def scenario_cancel_leaves_scene_unchanged(scene) -> None:
+    """Cancelling after frame 2 of 5 adds no node and changes no node."""
+    sequence, browser = add_sequence(scene)
+    count = scene.GetNumberOfNodes()
+    done = []
+    try:
+        despeckle_sequence_node(scene, sequence, ObnlmSettings(), "cpu", progress=lambda d, t: done.append(d),
+                                cancel=lambda: len(done) >= 2, browser_node=browser)
+    except Cancelled:
+        pass
+    else:
+        raise AssertionError("the run was not cancelled")
+    try:
+        assert done == [1, 2]
+        assert scene.GetNumberOfNodes() == count, "a cancelled run left nodes in the scene"
+        assert browser.GetNumberOfSynchronizedSequenceNodes() == 0
+    finally:
+        _remove(scene, browser, sequence)
+
+
+def scenario_bad_inputs_are_refused(scene) -> None:
+    """A 2D image, an RGB volume, an empty sequence: one clear error each, nothing added."""
+    flat = add_volume(scene, speckle_volume((1, 40, 48)), "flat")
+    rgb = slicer.vtkMRMLVectorVolumeNode()
+    image = vtk.vtkImageData()
+    image.SetDimensions(8, 8, 8)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    rgb.SetAndObserveImageData(image)
+    rgb.SetName("rgb")
+    scene.AddNode(rgb)
+    empty = slicer.vtkMRMLSequenceNode()
+    empty.SetName("empty")
+    scene.AddNode(empty)
+    count = scene.GetNumberOfNodes()
+    try:
+        for node, message in ((flat, "2D image"), (rgb, "components")):
+            try:
+                despeckle_volume_node(scene, node, ObnlmSettings(), "cpu")
+            except InputError as error:
+                assert message in str(error), str(error)
+            else:
+                raise AssertionError(f"{node.GetName()} was accepted")
+        try:
+            despeckle_sequence_node(scene, empty, ObnlmSettings(), "cpu")
+        except InputError as error:
+            assert "no frames" in str(error)
+        else:
+            raise AssertionError("an empty sequence was accepted")
+        assert scene.GetNumberOfNodes() == count
+    finally:
+        _remove(scene, flat, rgb, empty)
+
+
+def scenario_unet_volume(scene, model: str = "unet-obnlm") -> None:
+    """The bundled U-Net on a volume node keeps geometry and input, like OBNLM."""
+    scenario_volume_keeps_geometry_and_input(scene, UnetSettings(model))
+
+
+
+
+def scenario_proxy_node_leads_to_its_sequence(scene, sequences_logic) -> None:
+    """The volume a user picks for a 4D sequence is the browser's proxy node; it leads back
+    to the sequence and the browser."""
+    from us3dmrml.nodes import sequence_of_proxy_node
+
+    sequence, browser = add_sequence(scene)
+    sequences_logic.UpdateProxyNodesFromSequences(browser)
+    proxy = browser.GetProxyNode(sequence)
+    plain = add_volume(scene, speckle_volume(), "plain")
+    try:
+        assert proxy is not None
+        assert sequence_of_proxy_node(scene, proxy) == (sequence, browser)
+        assert sequence_of_proxy_node(scene, plain) == (None, None)
+    finally:
+        _remove(scene, plain, proxy, browser, sequence)
+
+
+#: (scenario, needs the sequences logic) for USDespeckle's self-test.
+DESPECKLE_SCENARIOS = ((scenario_volume_keeps_geometry_and_input, False), (scenario_sequence_in_sequence_out, True),
+                       (scenario_cancel_leaves_scene_unchanged, False), (scenario_bad_inputs_are_refused, False),
+                       (scenario_proxy_node_leads_to_its_sequence, True), (scenario_unet_volume, False))
