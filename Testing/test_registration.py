@@ -1,0 +1,81 @@
+"""Displacement fields (warping, Jacobian, endpoint error) and the classical demons registration."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from us3d.errors import InputError
+from us3d.registration.demons import register_demons
+from us3d.registration.fields import (endpoint_error, field_array, field_image, folding_fraction,
+                                      jacobian_determinant, warp)
+
+
+def blobs(shape=(16, 48, 56), spacing=(0.4, 0.3, 0.8), shift_mm=(0.0, 0.0, 0.0)) -> sitk.Image:
+    """Smooth blobs; `shift_mm` (x, y, z) moves the pattern by that many mm."""
+    rng = np.random.default_rng(0)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    x, y, z = i * spacing[0] - shift_mm[0], j * spacing[1] - shift_mm[1], k * spacing[2] - shift_mm[2]
+    volume = np.zeros(shape)
+    for _ in range(12):
+        cx, cy, cz = rng.uniform(0, 1, 3) * [shape[2] * spacing[0], shape[1] * spacing[1], shape[0] * spacing[2]]
+        volume += 100 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * 2.0 ** 2))
+    image = sitk.GetImageFromArray(volume.astype(np.float32))
+    image.SetSpacing(spacing)
+    return image
+
+
+def test_constant_field_warps_like_a_translation():
+    fixed = blobs()
+    field = field_image(np.broadcast_to([1.2, -0.6, 0.0], fixed.GetSize()[::-1] + (3,)), fixed)
+    warped = sitk.GetArrayFromImage(warp(fixed, field))
+    # moving(x + d): content moves by -d
+    expected = sitk.GetArrayFromImage(blobs(shift_mm=(-1.2, 0.6, 0.0)))
+    inner = (slice(None), slice(4, -4), slice(5, -5))
+    np.testing.assert_allclose(warped[inner], expected[inner], atol=2.0)
+    np.testing.assert_allclose(jacobian_determinant(field), 1.0, atol=1e-9)
+    assert folding_fraction(field) == 0.0
+
+
+def test_warp_uses_the_moving_geometry():
+    fixed = blobs()
+    moving = blobs()
+    moving.SetOrigin((2.0, 0.0, 0.0))  # same pattern, 2 mm further along x
+    identity = field_image(np.zeros(fixed.GetSize()[::-1] + (3,)), fixed)
+    warped = sitk.GetArrayFromImage(warp(moving, identity))
+    expected = sitk.GetArrayFromImage(blobs(shift_mm=(2.0, 0.0, 0.0)))
+    np.testing.assert_allclose(warped[:, :, 8:], expected[:, :, 8:], atol=2.0)
+
+
+def test_folding_and_endpoint_error():
+    fixed = blobs((8, 16, 16))
+    displacement = np.zeros((8, 16, 16, 3))
+    displacement[:, :, 8:, 0] = -5.0  # x jumps back by 5 mm at i = 8: the mapping folds there
+    field = field_image(displacement, fixed)
+    assert 0 < folding_fraction(field) < 0.5
+    mean, p95 = endpoint_error(field, field_image(np.zeros_like(displacement), fixed))
+    assert mean == pytest.approx(2.5) and p95 == pytest.approx(5.0)
+    with pytest.raises(InputError):
+        endpoint_error(field, field_image(np.zeros((8, 16, 15, 3)), blobs((8, 16, 15))))
+
+
+def test_field_round_trips_through_a_file(tmp_path):
+    fixed = blobs((8, 16, 16))
+    fixed.SetOrigin((1.0, 2.0, 3.0))
+    displacement = np.random.default_rng(1).normal(size=(8, 16, 16, 3))
+    path = tmp_path / "field.mha"
+    sitk.WriteImage(field_image(displacement, fixed), str(path))
+    back = sitk.ReadImage(str(path))
+    np.testing.assert_array_equal(field_array(back), displacement)
+    assert back.GetOrigin() == (1.0, 2.0, 3.0)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(back, sitk.sitkVectorFloat64))
+    point = back.TransformIndexToPhysicalPoint((3, 4, 5))
+    np.testing.assert_allclose(np.subtract(transform.TransformPoint(point), point), displacement[5, 4, 3])
+
+
+def test_demons_recovers_a_known_shift():
+    fixed = blobs()
+    moving = blobs(shift_mm=(1.5, 0.6, 0.0))
+    field = register_demons(fixed, moving)
+    inner = field_array(field)[4:-4, 8:-8, 8:-8]
+    np.testing.assert_allclose(np.median(inner.reshape(-1, 3), axis=0), [1.5, 0.6, 0.0], atol=0.3)
+    assert folding_fraction(field) == 0.0
