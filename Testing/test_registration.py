@@ -6,22 +6,13 @@ import SimpleITK as sitk
 
 from us3d.errors import InputError
 from us3d.registration.demons import register_demons
+from us3d.registration.synthetic import shifted_blobs
 from us3d.registration.fields import (endpoint_error, field_array, field_image, folding_fraction,
                                       jacobian_determinant, warp)
 
 
 def blobs(shape=(16, 48, 56), spacing=(0.4, 0.3, 0.8), shift_mm=(0.0, 0.0, 0.0)) -> sitk.Image:
-    """Smooth blobs; `shift_mm` (x, y, z) moves the pattern by that many mm."""
-    rng = np.random.default_rng(0)
-    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    x, y, z = i * spacing[0] - shift_mm[0], j * spacing[1] - shift_mm[1], k * spacing[2] - shift_mm[2]
-    volume = np.zeros(shape)
-    for _ in range(12):
-        cx, cy, cz = rng.uniform(0, 1, 3) * [shape[2] * spacing[0], shape[1] * spacing[1], shape[0] * spacing[2]]
-        volume += 100 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * 2.0 ** 2))
-    image = sitk.GetImageFromArray(volume.astype(np.float32))
-    image.SetSpacing(spacing)
-    return image
+    return shifted_blobs(shape, spacing, shift_mm)
 
 
 def test_constant_field_warps_like_a_translation():

@@ -17,13 +17,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from us3d.devices import resolve_device
-from us3d.errors import InputError
+from us3d.errors import Cancelled, InputError  # noqa: F401  (Cancelled is part of this API)
 from us3d.filters import obnlm
 from us3d.io import VolumeSequence, to_image
-
-
-class Cancelled(Exception):
-    """The user cancelled a running job; nothing was produced."""
 
 
 @dataclasses.dataclass(frozen=True)

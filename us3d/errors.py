@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """Bad user input (file, volume or parameter); the message is meant for the user as is."""
+
+
+class Cancelled(Exception):
+    """The user cancelled a running job; nothing was produced."""

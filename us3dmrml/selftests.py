@@ -209,3 +209,127 @@ def scenario_proxy_node_leads_to_its_sequence(scene, sequences_logic) -> None:
 DESPECKLE_SCENARIOS = ((scenario_volume_keeps_geometry_and_input, False), (scenario_sequence_in_sequence_out, True),
                        (scenario_cancel_leaves_scene_unchanged, False), (scenario_bad_inputs_are_refused, False),
                        (scenario_proxy_node_leads_to_its_sequence, True), (scenario_unet_volume, False))
+
+
+# --- USRegistration ---------------------------------------------------------------------------
+
+def _blob_node(scene, shift_mm, name):
+    """Smooth blobs on the oblique test geometry, moved by `shift_mm` (x, y, z) in LPS."""
+    from us3d.registration.synthetic import shifted_blobs
+
+    image = shifted_blobs(shift_mm=shift_mm)
+    node = add_volume(scene, sitk_array(image), name)
+    return node
+
+
+def sitk_array(image):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image)
+
+
+def scenario_grid_transform_reproduces_warp(scene) -> None:
+    """The moving volume under the output grid transform, hardened by MRML's own transform logic,
+    equals the warped output volume (within the field's domain; tolerance 1e-3 of the range)."""
+    import SimpleITK as sitk
+
+    from us3dmrml.nodes import image_from_volume_node
+    from us3dmrml.registration import register_volume_nodes
+
+    fixed = _blob_node(scene, (0.0, 0.0, 0.0), "fixed")
+    moving = _blob_node(scene, (1.2, -0.6, 0.0), "moving")
+    hashes = volume_hash(fixed), volume_hash(moving)
+    run = register_volume_nodes(scene, fixed, moving, "demons", "none", "cpu")
+    hardened = None
+    try:
+        assert (volume_hash(fixed), volume_hash(moving)) == hashes, "an input volume was changed"
+        np.testing.assert_allclose(ijk_to_ras(run.warped_node), ijk_to_ras(fixed), atol=1e-9)
+        result = run.results[0]
+        assert result.mse_after < 0.5 * result.mse_before and result.folding == 0.0
+        hardened = slicer.vtkMRMLScalarVolumeNode()
+        hardened.Copy(moving)
+        hardened.SetName("hardened")
+        scene.AddNode(hardened)
+        hardened.SetAndObserveTransformNodeID(run.transform_node.GetID())
+        slicer.vtkSlicerTransformLogic().hardenTransform(hardened)
+        theirs = image_from_volume_node(hardened)  # MRML resamples onto a grid of its choice
+        # what the warped output holds, sampled on MRML's grid: moving(x + d(x)), one interpolation
+        field = sitk.DisplacementFieldTransform(sitk.Cast(result.field, sitk.sitkVectorFloat64))
+        moving_image = image_from_volume_node(moving)
+        reference = sitk.GetArrayFromImage(sitk.Resample(moving_image, theirs, field, sitk.sitkLinear, 0.0))
+        ones = sitk.Image(result.field.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(result.field)
+        ones = sitk.BinaryErode(ones, [1, 1, 1])  # the field's outer voxels: ITK and VTK extrapolate differently
+        domain = sitk.GetArrayFromImage(sitk.Resample(ones, theirs, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        # and where x + d(x) falls inside the moving volume (ITK and VTK differ within half a voxel of its edge)
+        inside = sitk.Image(moving_image.GetSize(), sitk.sitkUInt8) + 1
+        inside.CopyInformation(moving_image)
+        inside = sitk.BinaryErode(inside, [1, 1, 1])
+        domain *= sitk.GetArrayFromImage(sitk.Resample(inside, theirs, field, sitk.sitkNearestNeighbor, 0))
+        difference = np.abs(sitk.GetArrayFromImage(theirs) - reference)[domain > 0]
+        assert difference.size > 1000, "the hardened volume does not overlap the fixed grid"
+        assert difference.max() < 1e-3 * reference.max(), f"MRML's warp differs by {difference.max()}"
+    finally:
+        _remove(scene, fixed, moving, run.warped_node, run.transform_node, hardened)
+
+
+def scenario_registration_sequence(scene, sequences_logic=None) -> None:
+    """Every frame of a fixed sequence registered to the moving frame 0: warped sequence and a
+    sequence of grid transforms with the same index values, MSE reduced, inputs unchanged."""
+    from us3dmrml.registration import register_sequence_node
+
+    sequence = slicer.vtkMRMLSequenceNode()
+    sequence.SetName("fixed frames")
+    shifts = [(0.0, 0.0, 0.0), (0.8, 0.0, 0.0), (1.6, -0.4, 0.0)]
+    temporary = []
+    for t, shift in enumerate(shifts):
+        node = _blob_node(scene, shift, f"frame {t}")
+        temporary.append(node)
+        sequence.SetDataNodeAtValue(node, f"{t / 6:.3f}")
+    for node in temporary:
+        scene.RemoveNode(node)
+    scene.AddNode(sequence)
+    browser = slicer.vtkMRMLSequenceBrowserNode()
+    scene.AddNode(browser)
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    moving = _blob_node(scene, shifts[0], "moving (exhale)")
+    before = [volume_hash(sequence.GetNthDataNode(n)) for n in range(3)] + [volume_hash(moving)]
+    seen = []
+    run = register_sequence_node(scene, sequence, moving, "demons", "none", "cpu", progress=lambda d, t: seen.append(d),
+                                 browser_node=browser, sequences_logic=sequences_logic)
+    try:
+        assert seen == [1, 2, 3]
+        for output in (run.warped_node, run.transform_node):
+            assert [output.GetNthIndexValue(n) for n in range(3)] == [sequence.GetNthIndexValue(n) for n in range(3)]
+            assert browser.IsSynchronizedSequenceNodeID(output.GetID())
+        assert run.transform_node.GetNthDataNode(2).IsA("vtkMRMLGridTransformNode")
+        assert all(r.mse_after < r.mse_before for r in run.results[1:])
+        assert [volume_hash(sequence.GetNthDataNode(n)) for n in range(3)] + [volume_hash(moving)] == before
+    finally:
+        proxies = [browser.GetProxyNode(s) for s in (sequence, run.warped_node, run.transform_node)]
+        _remove(scene, *proxies, browser, run.warped_node, run.transform_node, sequence, moving)
+
+
+def scenario_registration_cancel_leaves_scene_unchanged(scene) -> None:
+    from us3dmrml.registration import register_sequence_node
+
+    sequence, browser = add_sequence(scene, frames=4)
+    moving = add_volume(scene, speckle_volume(), "moving")
+    count = scene.GetNumberOfNodes()
+    done = []
+    try:
+        register_sequence_node(scene, sequence, moving, "demons", "none", "cpu", progress=lambda d, t: done.append(d),
+                               cancel=lambda: len(done) >= 2, browser_node=browser)
+    except Cancelled:
+        pass
+    else:
+        raise AssertionError("the run was not cancelled")
+    try:
+        assert done == [1, 2] and scene.GetNumberOfNodes() == count
+    finally:
+        _remove(scene, browser, sequence, moving)
+
+
+#: (scenario, needs the sequences logic) for USRegistration's self-test.
+REGISTRATION_SCENARIOS = ((scenario_grid_transform_reproduces_warp, False), (scenario_registration_sequence, True),
+                          (scenario_registration_cancel_leaves_scene_unchanged, False))

@@ -7,6 +7,7 @@ from typing import Callable
 
 import SimpleITK as sitk
 
+from us3d.errors import Cancelled
 from us3d.registration.fields import warp
 
 #: Shrink factors (x, y, z) per pyramid level, coarse to fine, and demons iterations per level.
@@ -45,7 +46,7 @@ def register_demons(fixed: sitk.Image, moving: sitk.Image, field_sigma: float = 
         demons.SetSmoothDisplacementField(True)
         demons.SetStandardDeviations(field_sigma)
         if cancel is not None and cancel():
-            raise KeyboardInterrupt
+            raise Cancelled()
         field = demons.Execute(level_fixed, level_moving, initial)
     return sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64) \
         if field.GetSize() != fixed.GetSize() else field
