@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["USDespeckle"]
+MODULES = ["USDespeckle", "USRegistration"]
 
 
 def _ui(module: str) -> ElementTree.Element:

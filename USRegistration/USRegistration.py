@@ -1,0 +1,280 @@
+"""USRegistration: deformable registration of 3D/4D ultrasound (breathing motion of liver sequences).
+
+Thin GUI over the MRML layer (`us3dmrml.registration`): the moving volume (default: the exhale
+frame) is registered to a fixed volume or to every frame of a sequence, optionally after
+despeckling both; outputs are new warped volumes and grid transforms; the panel lists MSE
+before and after, SMPI of the pre-processing and the fraction of folding voxels.
+"""
+
+import importlib.util
+import os
+import sys
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOURCE_ROOT, "us3d")):
+    sys.path.append(_SOURCE_ROOT)
+
+from us3d.dependencies import missing_packages  # noqa: E402  (no torch import)
+
+#: Registration methods shown in the panel; only those in AVAILABLE_METHODS can run in this version.
+METHODS = ["demons", "voxelmorph"]
+AVAILABLE_METHODS = ["demons"]
+
+
+class USRegistration(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("US Registration")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Ultrasound")]
+        self.parent.dependencies = ["Sequences", "USDespeckle"]
+        self.parent.contributors = ["US3D contributors"]
+        self.parent.helpText = _(
+            "Deformable registration of 3D ultrasound volumes: the moving volume (for a 4D liver sequence, "
+            "the exhale frame) is warped onto a fixed volume or onto every frame of a sequence. Speckle can be "
+            "reduced first (OBNLM or U-Net). Outputs: warped volume(s) and the displacement as grid transforms. "
+            "Methods: multi-resolution demons (SimpleITK); VoxelMorph is not available in this version.")
+        self.parent.acknowledgementText = _("Demons: SimpleITK. OBNLM: Coupe et al., IEEE TIP 2009.")
+
+
+@parameterNodeWrapper
+class USRegistrationParameterNode:
+    """Module settings, saved with the scene.
+
+    fixedVolume: the fixed volume, or the proxy volume of a sequence browser (allFrames: every frame).
+    movingVolume: the volume to warp (for 4D, typically the exhale frame).
+    method, preprocessing, device: see METHODS, none/obnlm/unet, auto/cpu/cuda.
+    """
+
+    fixedVolume: vtkMRMLScalarVolumeNode
+    allFrames: bool = True
+    movingVolume: vtkMRMLScalarVolumeNode
+    method: Annotated[str, Choice(METHODS)] = "demons"
+    preprocessing: Annotated[str, Choice(["none", "obnlm", "unet"])] = "none"
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    warpedVolume: vtkMRMLScalarVolumeNode
+
+
+class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._running = False
+        self._cancelRequested = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/USRegistration.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = USRegistrationLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
+        self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
+        self.ui.resultsTable.setHorizontalHeaderLabels(
+            [_("frame"), _("MSE before"), _("MSE after"), _("SMPI"), _("folding (%)"), _("time (s)")])
+        self.ui.installButton.visible = bool(missing_packages())
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode: Optional[USRegistrationParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self._running or not self._parameterNode:
+            return
+        reason = self.logic.whyNotApplicable(self._parameterNode)
+        self.ui.applyButton.enabled = reason is None
+        self.ui.applyButton.toolTip = reason or _("Register the moving volume to the fixed volume or frames")
+        self.ui.statusLabel.text = reason or ""
+        params = self._parameterNode
+        self.ui.compareButton.enabled = None not in (params.fixedVolume, params.movingVolume, params.warpedVolume)
+
+    def onApplyButton(self) -> None:
+        if self._running:
+            self._cancelRequested = True
+            self.ui.applyButton.text = _("Cancelling...")
+            return
+        self._running, self._cancelRequested = True, False
+        self.ui.applyButton.text = _("Cancel")
+        self.ui.progressBar.setValue(0)
+
+        def progress(done, total):
+            self.ui.progressBar.setMaximum(total)
+            self.ui.progressBar.setValue(done)
+            self.ui.progressBar.setFormat(_("frame {done}/{total}").format(done=done, total=total))
+            slicer.app.processEvents()
+
+        def cancel():
+            slicer.app.processEvents()
+            return self._cancelRequested
+
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
+                run = self.logic.process(self._parameterNode, progress, cancel)
+                if run is None:
+                    self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+                else:
+                    self._showResults(run)
+        finally:
+            self._running = False
+            self.ui.applyButton.text = _("Apply")
+            self._checkCanApply()
+
+    def _showResults(self, run) -> None:
+        table = self.ui.resultsTable
+        table.setRowCount(len(run.results))
+        for row, result in enumerate(run.results):
+            smpi = "-" if result.smpi is None else f"{result.smpi:.3f}"
+            texts = (str(row), f"{result.mse_before:.4f}", f"{result.mse_after:.4f}", smpi,
+                     f"{100 * result.folding:.3f}", f"{result.seconds:.1f}")
+            for column, text in enumerate(texts):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        if any(result.resampled for result in run.results):
+            self.ui.statusLabel.text = _("The moving volume was on another grid: it was resampled onto the fixed grid.")
+
+    def onCompareButton(self) -> None:
+        params = self._parameterNode
+        self.logic.showFixedMovingWarped(params.fixedVolume, params.movingVolume, params.warpedVolume)
+
+    def onInstallButton(self) -> None:
+        from USDespeckle import USDespeckleLogic  # one installer for the extension's modules
+
+        with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
+            USDespeckleLogic.installDependencies()
+        self.ui.installButton.visible = bool(missing_packages())
+        self._checkCanApply()
+
+
+class USRegistrationLogic(ScriptedLoadableModuleLogic):
+    """GUI-free: raises exceptions, takes progress and cancel callbacks."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return USRegistrationParameterNode(super().getParameterNode())
+
+    def whyNotApplicable(self, params) -> Optional[str]:
+        """None when Apply can run, else the reason (shown as the button's tooltip)."""
+        missing = missing_packages()
+        if missing:
+            return _("Missing Python packages: {names}; click 'Install dependencies'").format(names=", ".join(missing))
+        if params.method not in AVAILABLE_METHODS:
+            return _("VoxelMorph is not available in this version: no registration model is bundled yet. "
+                     "Use demons.")
+        from us3d.errors import InputError
+        from us3dmrml.nodes import check_volume_node
+
+        for label, node in ((_("fixed"), params.fixedVolume), (_("moving"), params.movingVolume)):
+            try:
+                check_volume_node(node)
+            except InputError as error:
+                return f"{label}: {error}"
+        if params.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return _("No CUDA GPU is available; choose auto or cpu")
+        return None
+
+    def process(self, params, progress=None, cancel=None):
+        """Register into new nodes; returns the run, or None if cancelled."""
+        from us3d.errors import Cancelled
+        from us3dmrml.nodes import sequence_of_proxy_node
+        from us3dmrml.registration import register_sequence_node, register_volume_nodes
+
+        scene = slicer.mrmlScene
+        sequence, browser = sequence_of_proxy_node(scene, params.fixedVolume)
+        try:
+            if sequence is not None and params.allFrames:
+                run = register_sequence_node(scene, sequence, params.movingVolume, params.method, params.preprocessing,
+                                             params.device, progress, cancel, browser_node=browser,
+                                             sequences_logic=slicer.modules.sequences.logic())
+                params.warpedVolume = browser.GetProxyNode(run.warped_node)
+            else:
+                run = register_volume_nodes(scene, params.fixedVolume, params.movingVolume, params.method,
+                                            params.preprocessing, params.device, cancel)
+                params.warpedVolume = run.warped_node
+        except Cancelled:
+            return None
+        return run
+
+    @staticmethod
+    def showFixedMovingWarped(fixedVolume, movingVolume, warpedVolume) -> None:
+        """Fixed | moving | warped in three linked axial slice views."""
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        for viewName, volume in (("Red", fixedVolume), ("Yellow", movingVolume), ("Green", warpedVolume)):
+            widget = layoutManager.sliceWidget(viewName)
+            composite = widget.mrmlSliceCompositeNode()
+            composite.SetBackgroundVolumeID(volume.GetID())
+            composite.SetForegroundVolumeID(None)
+            composite.SetLinkedControl(True)
+            widget.mrmlSliceNode().SetOrientation("Axial")
+        slicer.util.resetSliceViews()
+
+
+class USRegistrationTest(ScriptedLoadableModuleTest):
+    """The scenarios of us3dmrml.selftests, on Slicer's scene (pytest runs them on slicer-core)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        from us3dmrml.selftests import REGISTRATION_SCENARIOS
+
+        for scenario, needsSequencesLogic in REGISTRATION_SCENARIOS:
+            self.setUp()
+            self.delayDisplay(f"Running {scenario.__name__}")
+            if needsSequencesLogic:
+                scenario(slicer.mrmlScene, slicer.modules.sequences.logic())
+            else:
+                scenario(slicer.mrmlScene)
+        self.delayDisplay("USRegistration self-test passed")
