@@ -99,7 +99,7 @@ def test_output_over_input_is_refused(sample_dir, tmp_path):
 
 
 def test_help_on_every_command():
-    for command in ("despeckle", "metrics", "phantom", "demo", "models", "train-despeckle"):
+    for command in ("despeckle", "metrics", "phantom", "demo", "models", "train-despeckle", "register"):
         code, out, _ = run(command, "--help")
         assert code == 0 and "usage: us3d" in out
 
@@ -159,3 +159,37 @@ def test_train_despeckle_data_parallel_under_torchrun(tmp_path):
     from us3d.models.bundle import load_model
 
     assert load_model(str(model)).metadata["training"]["processes"] == 2
+
+
+def test_register_writes_warped_volume_and_field(tmp_path):
+    from us3d.registration.fields import field_array
+    from us3d.registration.synthetic import shifted_blobs
+
+    sitk.WriteImage(shifted_blobs(), str(tmp_path / "fixed.nrrd"))
+    moving = shifted_blobs(shift_mm=(1.5, 0.6, 0.0))
+    sitk.WriteImage(moving, str(tmp_path / "moving.nrrd"))
+    code, out, err = run("register", str(tmp_path / "fixed.nrrd"), str(tmp_path / "moving.nrrd"),
+                         str(tmp_path / "warped.nrrd"), "--field", str(tmp_path / "field.mha"))
+    assert code == 0, err
+    assert "MSE" in out and "folding 0.000%" in out and "resampled" not in out
+    field = field_array(sitk.ReadImage(str(tmp_path / "field.mha")))
+    np.testing.assert_allclose(np.median(field[4:-4, 8:-8, 8:-8].reshape(-1, 3), axis=0), [1.5, 0.6, 0.0], atol=0.3)
+    warped = sitk.ReadImage(str(tmp_path / "warped.nrrd"))
+    assert warped.GetSize() == moving.GetSize()
+    # a moving volume on another grid is resampled onto the fixed grid, and the user is told
+    coarse = sitk.Resample(moving, [28, 24, 16], sitk.Transform(), sitk.sitkLinear, (0, 0, 0), (0.8, 0.6, 0.8))
+    sitk.WriteImage(coarse, str(tmp_path / "coarse.nrrd"))
+    code, out, err = run("register", str(tmp_path / "fixed.nrrd"), str(tmp_path / "coarse.nrrd"),
+                         str(tmp_path / "warped2.nrrd"))
+    assert code == 0 and "resampled onto the fixed grid" in out, err
+    assert sitk.ReadImage(str(tmp_path / "warped2.nrrd")).GetSize() == shifted_blobs().GetSize()
+
+
+def test_register_bad_input(tmp_path, sample_dir):
+    flat = sitk.Image(32, 32, 1, sitk.sitkFloat32)
+    sitk.WriteImage(flat, str(tmp_path / "flat.nrrd"))
+    spine = str(sample_dir / "SpinePhantomFreehandReconstructed.mha")
+    code, _, err = run("register", spine, str(tmp_path / "flat.nrrd"), str(tmp_path / "w.nrrd"))
+    assert code == 2 and "error:" in err and not (tmp_path / "w.nrrd").exists()
+    code, _, err = run("register", spine, spine, str(tmp_path / "w.nrrd"), "--field", str(tmp_path / "w.nrrd"))
+    assert code == 2 and "another file" in err

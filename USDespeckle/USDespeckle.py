@@ -201,7 +201,7 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
         self.ui.statusLabel.text = _("{method}: {n} frame(s), median {t:.2f} s per frame on {device}.").format(
             method=run.method, n=len(run.smpi), t=sorted(run.seconds_per_frame)[len(run.smpi) // 2],
-            device=run.device)
+            device=run.device) + "".join("\n" + _("Warning: ") + message for message in run.warnings)
 
     def onCompareButton(self) -> None:
         self.logic.showSideBySide(self._parameterNode.inputVolume, self._parameterNode.outputVolume)

@@ -204,6 +204,34 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- register --------------------------------------------------------------------------------
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from us3d.io import atomic_outputs, check_output_path, read_volume, write_volume
+    from us3d.registration.pairs import register_pair
+
+    warped_path = check_output_path(args.warped, args.fixed, args.moving)
+    outputs = [warped_path]
+    if args.field:
+        outputs.append(check_output_path(args.field, args.fixed, args.moving))
+        if outputs[1] == warped_path:
+            raise InputError("--field must name another file than the warped output")
+    fixed, moving = read_volume(args.fixed), read_volume(args.moving)
+    result = register_pair(fixed, moving, args.method, args.despeckle, args.device)
+    with atomic_outputs(outputs) as temporaries:
+        write_volume(result.warped, temporaries[0])
+        if args.field:
+            write_volume(result.field, temporaries[1])
+    if result.resampled:
+        print("note: the moving volume was on another grid (size, spacing, origin or direction); "
+              "it was resampled onto the fixed grid first")
+    smpi = "" if result.smpi is None else f", SMPI of the despeckling {result.smpi:.3f}"
+    print(f"MSE {result.mse_before:.5f} -> {result.mse_after:.5f} (intensities scaled to [0, 1]), "
+          f"folding {100 * result.folding:.3f}% of voxels{smpi}, {result.seconds:.1f} s")
+    print("wrote " + ", ".join(str(p) for p in outputs))
+    return 0
+
+
 # --- train-despeckle ------------------------------------------------------------------------
 
 def cmd_train_despeckle(args: argparse.Namespace) -> int:
@@ -331,6 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth-dir", help="folder for the ground truth: clean echogenicity, labels, "
                                        "displacement fields (mm, ITK displacement field images)")
     p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("register", help="deformable registration of a moving volume onto a fixed volume",
+                       description="Register MOVING onto FIXED (multi-resolution demons), optionally despeckling "
+                                   "both first; write the warped moving volume and, with --field, the displacement "
+                                   "field (ITK displacement field: LPS, mm, on the fixed grid; Slicer loads it as "
+                                   "a transform).")
+    p.add_argument("fixed", help="fixed volume")
+    p.add_argument("moving", help="moving volume (e.g. the exhale frame)")
+    p.add_argument("warped", help="output: the moving volume warped onto the fixed grid")
+    p.add_argument("--field", help="output: displacement field (.mha, .nrrd or .nii.gz)")
+    p.add_argument("--method", choices=("demons",), default="demons", help="registration method (default demons)")
+    p.add_argument("--despeckle", choices=("none", "obnlm", "unet"), default="none",
+                   help="despeckle fixed and moving before registering (default none)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="device for despeckling (default auto)")
+    p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("train-despeckle", help="train the 3D dense U-Net despeckler",
                        description="Train the 3D dense U-Net on simulated liver sequences (and the real spine "

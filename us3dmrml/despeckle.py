@@ -8,6 +8,7 @@ nothing to the scene: outputs are created only after every frame is done.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -27,6 +28,7 @@ class DespeckleRun:
     seconds_per_frame: list[float]
     device: str
     method: str
+    warnings: list[str] = dataclasses.field(default_factory=list)  # e.g. CUDA out of memory, fell back
 
 
 def describe(settings: ObnlmSettings | UnetSettings) -> str:
@@ -47,11 +49,14 @@ def despeckle_volume_node(scene, input_node, settings: ObnlmSettings | UnetSetti
                           cancel: Callable[[], bool] | None = None, output_name: str | None = None) -> DespeckleRun:
     """Despeckle a scalar volume node into a new volume node with the same geometry."""
     image = image_from_volume_node(input_node)
-    result = despeckle(image, settings, device, progress, cancel)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = despeckle(image, settings, device, progress, cancel)
     name = output_name or f"{input_node.GetName()} {describe(settings).split()[0]}"
     node = new_volume_node(scene, result.output, name)
     smpi = _smpi(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(result.output))
-    return DespeckleRun(node, [smpi], result.seconds_per_frame, result.device, describe(settings))
+    return DespeckleRun(node, [smpi], result.seconds_per_frame, result.device, describe(settings),
+                        [str(w.message) for w in caught])
 
 
 def despeckle_sequence_node(scene, sequence_node, settings: ObnlmSettings | UnetSettings, device: str = "auto",
@@ -64,7 +69,9 @@ def despeckle_sequence_node(scene, sequence_node, settings: ObnlmSettings | Unet
     its proxy volume node is created at once) so both play in step.
     """
     sequence = sequence_from_sequence_node(sequence_node)
-    result = despeckle(sequence, settings, device, progress, cancel)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = despeckle(sequence, settings, device, progress, cancel)
     name = output_name or f"{sequence_node.GetName()} {describe(settings).split()[0]}"
     node = new_sequence_node(scene, result.output, name)
     if browser_node is not None:
@@ -76,4 +83,5 @@ def despeckle_sequence_node(scene, sequence_node, settings: ObnlmSettings | Unet
                 proxy.SetName(scene.GenerateUniqueName(name))
                 proxy.CreateDefaultDisplayNodes()
     smpi = [_smpi(a, b) for a, b in zip(sequence.frames, result.output.frames)]
-    return DespeckleRun(node, smpi, result.seconds_per_frame, result.device, describe(settings))
+    return DespeckleRun(node, smpi, result.seconds_per_frame, result.device, describe(settings),
+                        [str(w.message) for w in caught])
