@@ -75,10 +75,7 @@ def ijk_to_ras(node) -> np.ndarray:
 def _remove(scene, *nodes) -> None:
     for node in nodes:
         if node is not None and node.GetScene() is scene:
-            if node.IsA("vtkMRMLSequenceNode"):
-                for n in range(node.GetNumberOfDataNodes()):
-                    node.GetNthDataNode(n)  # frames live inside the sequence's own scene
-            scene.RemoveNode(node)
+            scene.RemoveNode(node)  # a sequence's frames live in the sequence's own scene and go with it
 
 
 def scenario_volume_keeps_geometry_and_input(scene, settings=None) -> None:
@@ -149,7 +146,8 @@ def scenario_cancel_leaves_scene_unchanged(scene) -> None:
 
 
 def scenario_bad_inputs_are_refused(scene) -> None:
-    """A 2D image, an RGB volume, an empty sequence: one clear error each, nothing added."""
+    """A 2D image, an RGB volume, an empty sequence, frames of different sizes: one clear error
+    each, nothing added."""
     flat = add_volume(scene, speckle_volume((1, 40, 48)), "flat")
     rgb = slicer.vtkMRMLVectorVolumeNode()
     image = vtk.vtkImageData()
@@ -161,6 +159,13 @@ def scenario_bad_inputs_are_refused(scene) -> None:
     empty = slicer.vtkMRMLSequenceNode()
     empty.SetName("empty")
     scene.AddNode(empty)
+    mixed = slicer.vtkMRMLSequenceNode()
+    mixed.SetName("mixed sizes")
+    for t, shape in enumerate(((6, 40, 48), (6, 40, 40))):
+        frame = slicer.vtkMRMLScalarVolumeNode()
+        _set_voxels(frame, speckle_volume(shape))
+        mixed.SetDataNodeAtValue(frame, str(t))
+    scene.AddNode(mixed)
     count = scene.GetNumberOfNodes()
     try:
         for node, message in ((flat, "2D image"), (rgb, "components")):
@@ -170,15 +175,16 @@ def scenario_bad_inputs_are_refused(scene) -> None:
                 assert message in str(error), str(error)
             else:
                 raise AssertionError(f"{node.GetName()} was accepted")
-        try:
-            despeckle_sequence_node(scene, empty, ObnlmSettings(), "cpu")
-        except InputError as error:
-            assert "no frames" in str(error)
-        else:
-            raise AssertionError("an empty sequence was accepted")
+        for sequence, message in ((empty, "no frames"), (mixed, "same size")):
+            try:
+                despeckle_sequence_node(scene, sequence, ObnlmSettings(), "cpu")
+            except InputError as error:
+                assert message in str(error), str(error)
+            else:
+                raise AssertionError(f"sequence {sequence.GetName()} was accepted")
         assert scene.GetNumberOfNodes() == count
     finally:
-        _remove(scene, flat, rgb, empty)
+        _remove(scene, flat, rgb, empty, mixed)
 
 
 def scenario_unet_volume(scene, model: str = "unet-obnlm") -> None:
