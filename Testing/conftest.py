@@ -11,3 +11,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return ROOT / "Resources" / "SampleData"
+
+
+@pytest.fixture()
+def scene():
+    """A fresh vtkMRMLScene from slicer-core (Slicer's own MRML, no application)."""
+    slicer = pytest.importorskip("slicer")
+    scene = slicer.vtkMRMLScene()
+    yield scene
+    scene.Clear(1)

@@ -7,13 +7,6 @@ slicer = pytest.importorskip("slicer")
 from us3dmrml import selftests  # noqa: E402
 
 
-@pytest.fixture()
-def scene():
-    scene = slicer.vtkMRMLScene()
-    yield scene
-    scene.Clear(1)
-
-
 def test_volume_keeps_geometry_and_input(scene):
     selftests.scenario_volume_keeps_geometry_and_input(scene)
     assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0  # scenario cleaned up

@@ -7,13 +7,6 @@ slicer = pytest.importorskip("slicer")
 from us3dmrml import selftests  # noqa: E402
 
 
-@pytest.fixture()
-def scene():
-    scene = slicer.vtkMRMLScene()
-    yield scene
-    scene.Clear(1)
-
-
 def test_grid_transform_applied_by_mrml_reproduces_the_warped_volume(scene):
     selftests.scenario_grid_transform_reproduces_warp(scene)
 

@@ -13,7 +13,6 @@ import datetime
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -21,22 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_time
 
 from us3d.filters import obnlm
 from us3d.filters._obnlm_torch import obnlm_padded_torch
 from us3d.phantom import simulate_sequence, simulate_volume
 
 CASES = [("slicewise", 7, 3, 1.2), ("slicewise", 3, 1, 0.08), ("3d", 5, 1, 3.0)]
-
-
-def median_time(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def torch_cpu(volume: np.ndarray, mode: str, m: int, a: int):

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_time
 
 from us3d import __version__, metrics
 from us3d.despeckle import ObnlmSettings, despeckle_array
@@ -33,16 +32,6 @@ from us3d.training.despeckle import count_flops
 
 HELD_OUT_SEEDS = tuple(range(9000, 9008))
 PAPER = {"smpi_obnlm": 0.98, "smpi_unet": 1.07, "obnlm_cpu_s": 81.0, "unet_cpu_s": 4.0, "unet_gpu_s": 0.5}
-
-
-def median_time(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def lesion_masks(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -44,19 +44,25 @@ def _smpi(original: np.ndarray, filtered: np.ndarray) -> float:
         return float("nan")
 
 
+def _despeckle_noting_warnings(data, settings, device, progress, cancel):
+    """us3d's despeckle, with its warnings (e.g. a CUDA fallback) returned for the panel."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = despeckle(data, settings, device, progress, cancel)
+    return result, [str(warning.message) for warning in caught]
+
+
 def despeckle_volume_node(scene, input_node, settings: ObnlmSettings | UnetSettings, device: str = "auto",
                           progress: Callable[[int, int], None] | None = None,
                           cancel: Callable[[], bool] | None = None, output_name: str | None = None) -> DespeckleRun:
     """Despeckle a scalar volume node into a new volume node with the same geometry."""
     image = image_from_volume_node(input_node)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = despeckle(image, settings, device, progress, cancel)
+    result, caught = _despeckle_noting_warnings(image, settings, device, progress, cancel)
     name = output_name or f"{input_node.GetName()} {describe(settings).split()[0]}"
     node = new_volume_node(scene, result.output, name)
     smpi = _smpi(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(result.output))
     return DespeckleRun(node, [smpi], result.seconds_per_frame, result.device, describe(settings),
-                        [str(w.message) for w in caught])
+                        caught)
 
 
 def despeckle_sequence_node(scene, sequence_node, settings: ObnlmSettings | UnetSettings, device: str = "auto",
@@ -69,9 +75,7 @@ def despeckle_sequence_node(scene, sequence_node, settings: ObnlmSettings | Unet
     its proxy volume node is created at once) so both play in step.
     """
     sequence = sequence_from_sequence_node(sequence_node)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = despeckle(sequence, settings, device, progress, cancel)
+    result, caught = _despeckle_noting_warnings(sequence, settings, device, progress, cancel)
     name = output_name or f"{sequence_node.GetName()} {describe(settings).split()[0]}"
     node = new_sequence_node(scene, result.output, name)
     if browser_node is not None:
@@ -84,4 +88,4 @@ def despeckle_sequence_node(scene, sequence_node, settings: ObnlmSettings | Unet
                 proxy.CreateDefaultDisplayNodes()
     smpi = [_smpi(a, b) for a, b in zip(sequence.frames, result.output.frames)]
     return DespeckleRun(node, smpi, result.seconds_per_frame, result.device, describe(settings),
-                        [str(w.message) for w in caught])
+                        caught)

@@ -168,20 +168,15 @@ def scenario_bad_inputs_are_refused(scene) -> None:
     scene.AddNode(mixed)
     count = scene.GetNumberOfNodes()
     try:
-        for node, message in ((flat, "2D image"), (rgb, "components")):
+        cases = ((despeckle_volume_node, flat, "2D image"), (despeckle_volume_node, rgb, "components"),
+                 (despeckle_sequence_node, empty, "no frames"), (despeckle_sequence_node, mixed, "same size"))
+        for run, node, message in cases:
             try:
-                despeckle_volume_node(scene, node, ObnlmSettings(), "cpu")
+                run(scene, node, ObnlmSettings(), "cpu")
             except InputError as error:
                 assert message in str(error), str(error)
             else:
                 raise AssertionError(f"{node.GetName()} was accepted")
-        for sequence, message in ((empty, "no frames"), (mixed, "same size")):
-            try:
-                despeckle_sequence_node(scene, sequence, ObnlmSettings(), "cpu")
-            except InputError as error:
-                assert message in str(error), str(error)
-            else:
-                raise AssertionError(f"sequence {sequence.GetName()} was accepted")
         assert scene.GetNumberOfNodes() == count
     finally:
         _remove(scene, flat, rgb, empty, mixed)

@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 #: Mean of 20*log10 of a Rayleigh envelope relative to 10*log10 of its mean power (-gamma_E*10/ln 10).
 LOG_RAYLEIGH_OFFSET_DB = -10.0 * 0.5772156649015329 / math.log(10.0)
