@@ -28,8 +28,8 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/bench_obnlm.py --quick
 	$(BIN)/python benchmarks/bench_unet.py --quick
 
-# The bundled U-Nets, one command each (about 95 min each with one CPU thread per run; the two
-# runs were made side by side on a 2-core machine). Writes the .pt, its model card (.md), the
+# The bundled U-Nets, one command each (61 min each with one CPU thread per run; the two runs
+# were made side by side on a 2-core machine, no GPU). Writes the .pt, its model card (.md), the
 # training log (.log.jsonl) and the manifest entry in Resources/Models/.
 UNET_TRAINING := --sequences 16 --frames 3 --steps 2400 --batch-size 2 --threads 1 --seed 0 --cache .cache/training
 
