@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import SimpleITK as sitk
-
 from us3d.errors import Cancelled, InputError
-from us3d.registration.pairs import PairResult, register_pair
-from us3dmrml.nodes import _set_geometry, _set_voxels, image_from_volume_node, new_volume_node
+from us3d.io import VolumeSequence
+from us3d.registration.pairs import PairResult, despeckled, on_fixed_grid, register_pair
+from us3dmrml.nodes import image_from_volume_node, new_sequence_node, new_volume_node
 from us3dmrml.transforms import grid_transform_from_field, new_grid_transform_node
 
 
@@ -51,7 +50,10 @@ def register_sequence_node(scene, fixed_sequence, moving_node, method: str = "de
     count = fixed_sequence.GetNumberOfDataNodes() if fixed_sequence is not None else 0
     if count == 0:
         raise InputError("the fixed sequence has no frames")
-    moving = image_from_volume_node(moving_node)
+    # the moving volume on the frames' grid and despeckled once, for all frames
+    moving, resampled = on_fixed_grid(image_from_volume_node(fixed_sequence.GetNthDataNode(0)),
+                                      image_from_volume_node(moving_node))
+    moving_in = despeckled(moving, preprocessing, device, cancel)
     results, values = [], []
     for n in range(count):
         if cancel is not None and cancel():
@@ -59,26 +61,24 @@ def register_sequence_node(scene, fixed_sequence, moving_node, method: str = "de
         frame = image_from_volume_node(fixed_sequence.GetNthDataNode(n))
         if n > 0 and frame.GetSize() != results[0].field.GetSize():
             raise InputError(f"frame {n} of {fixed_sequence.GetName()} has another size than frame 0")
-        results.append(register_pair(frame, moving, method, preprocessing, device, cancel=cancel))
+        result = register_pair(frame, moving, method, preprocessing, device, cancel=cancel, moving_despeckled=moving_in)
+        result.resampled = resampled
+        results.append(result)
         values.append(fixed_sequence.GetNthIndexValue(n))
         if progress is not None:
             progress(n + 1, count)
     name = f"{moving_node.GetName()} to {fixed_sequence.GetName()}"
-    warped = slicer.vtkMRMLSequenceNode()
+    warped_frames = VolumeSequence.from_images([r.warped for r in results], values, fixed_sequence.GetIndexName(),
+                                               fixed_sequence.GetIndexUnit())
     transforms = slicer.vtkMRMLSequenceNode()
-    for sequence, suffix in ((warped, "warped"), (transforms, "displacement")):
-        sequence.SetName(scene.GenerateUniqueName(f"{name} {suffix}"))
-        sequence.SetIndexName(fixed_sequence.GetIndexName())
-        sequence.SetIndexUnit(fixed_sequence.GetIndexUnit())
+    transforms.SetName(scene.GenerateUniqueName(f"{name} displacement"))
+    transforms.SetIndexName(fixed_sequence.GetIndexName())
+    transforms.SetIndexUnit(fixed_sequence.GetIndexUnit())
     for result, value in zip(results, values):
-        volume = slicer.vtkMRMLScalarVolumeNode()
-        _set_voxels(volume, sitk.GetArrayFromImage(result.warped))
-        _set_geometry(volume, result.warped.GetSpacing(), result.warped.GetOrigin(), result.warped.GetDirection())
-        warped.SetDataNodeAtValue(volume, value)
         grid = slicer.vtkMRMLGridTransformNode()
         grid.SetAndObserveTransformFromParent(grid_transform_from_field(result.field))
         transforms.SetDataNodeAtValue(grid, value)
-    scene.AddNode(warped)
+    warped = new_sequence_node(scene, warped_frames, f"{name} warped")  # into the scene only now that all is made
     scene.AddNode(transforms)
     if browser_node is not None:
         for sequence in (warped, transforms):

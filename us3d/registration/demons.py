@@ -8,7 +8,7 @@ from typing import Callable
 import SimpleITK as sitk
 
 from us3d.errors import Cancelled
-from us3d.registration.fields import warp
+from us3d.registration.fields import same_grid, warp
 
 #: Shrink factors (x, y, z) per pyramid level, coarse to fine, and demons iterations per level.
 PYRAMID = ((8, 8, 2), (4, 4, 2), (2, 2, 1), (1, 1, 1))
@@ -26,7 +26,7 @@ def register_demons(fixed: sitk.Image, moving: sitk.Image, field_sigma: float = 
     """
     fixed = sitk.SmoothingRecursiveGaussian(sitk.Cast(fixed, sitk.sitkFloat32), image_sigma_mm)
     moving = sitk.SmoothingRecursiveGaussian(sitk.Cast(moving, sitk.sitkFloat32), image_sigma_mm)
-    if not _same_grid(fixed, moving):
+    if not same_grid(fixed, moving):
         moving = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     field = None
     for shrink, count in zip(pyramid, iterations):
@@ -50,11 +50,6 @@ def register_demons(fixed: sitk.Image, moving: sitk.Image, field_sigma: float = 
         field = demons.Execute(level_fixed, level_moving, initial)
     return sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64) \
         if field.GetSize() != fixed.GetSize() else field
-
-
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
-            and a.GetDirection() == b.GetDirection())
 
 
 __all__ = ["register_demons", "warp"]

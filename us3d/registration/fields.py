@@ -32,6 +32,12 @@ def check_field(field: sitk.Image) -> None:
         raise InputError("a displacement field must be a 3D image of 3-vectors (mm)")
 
 
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    """Same size, and spacing, origin and direction equal to floating-point tolerance."""
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            and np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection()))
+
+
 def warp(moving: sitk.Image, field: sitk.Image, interpolator: int = sitk.sitkLinear,
          default_value: float = 0.0) -> sitk.Image:
     """moving(x + d(x)) on the field's (fixed) grid, float32; the moving volume's own geometry is

@@ -17,7 +17,7 @@ from us3d import metrics
 from us3d.despeckle import ObnlmSettings, UnetSettings, despeckle
 from us3d.errors import InputError
 from us3d.registration.demons import register_demons
-from us3d.registration.fields import endpoint_error, folding_fraction, warp
+from us3d.registration.fields import endpoint_error, folding_fraction, same_grid, warp
 
 METHODS = ("demons",)
 PREPROCESSING = ("none", "obnlm", "unet")
@@ -60,27 +60,44 @@ def check_pair(fixed: sitk.Image, moving: sitk.Image) -> bool:
             raise InputError(f"the {name} volume must be a 3D grey-level volume")
         if min(image.GetSize()) < 2:
             raise InputError(f"the {name} volume is 2D ({image.GetSize()}); a 3D volume is needed")
-    return not (fixed.GetSize() == moving.GetSize() and np.allclose(fixed.GetSpacing(), moving.GetSpacing())
-                and np.allclose(fixed.GetOrigin(), moving.GetOrigin())
-                and np.allclose(fixed.GetDirection(), moving.GetDirection()))
+    return not same_grid(fixed, moving)
+
+
+def on_fixed_grid(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Image, bool]:
+    """(moving on the fixed grid, whether it had to be resampled), so every figure compares the same voxels."""
+    resampled = check_pair(fixed, moving)
+    if resampled:
+        moving = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return moving, resampled
+
+
+def despeckled(image: sitk.Image, preprocessing: str, device: str = "auto",
+               cancel: Callable[[], bool] | None = None) -> sitk.Image:
+    """The volume as the registration sees it: float32, despeckled by `preprocessing` unless "none"."""
+    settings = preprocess_settings(preprocessing)
+    if settings is None:
+        return sitk.Cast(image, sitk.sitkFloat32)
+    return despeckle(image, settings, device, cancel=cancel).output
 
 
 def register_pair(fixed: sitk.Image, moving: sitk.Image, method: str = "demons", preprocessing: str = "none",
                   device: str = "auto", truth: sitk.Image | None = None, truth_mask: np.ndarray | None = None,
-                  cancel: Callable[[], bool] | None = None) -> PairResult:
-    """Register `moving` onto `fixed`; see PairResult. `truth`: the true field, for endpoint error."""
+                  cancel: Callable[[], bool] | None = None,
+                  moving_despeckled: sitk.Image | None = None) -> PairResult:
+    """Register `moving` onto `fixed`; see PairResult. `truth`: the true field, for endpoint error.
+
+    `moving_despeckled`: `despeckled(moving, preprocessing)` when the caller already has it (one
+    moving volume registered to many fixed frames); `moving` must then be on the fixed grid.
+    """
     if method not in METHODS:
         raise InputError(f"registration method must be one of {', '.join(METHODS)}, not {method!r}")
-    resampled = check_pair(fixed, moving)
-    if resampled:  # onto the fixed grid, so that every figure compares the same voxels
-        moving = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    settings = preprocess_settings(preprocessing)
+    moving, resampled = on_fixed_grid(fixed, moving)
     start = time.perf_counter()
-    fixed_in, moving_in = sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32)
+    fixed_in = despeckled(fixed, preprocessing, device, cancel)
+    moving_in = moving_despeckled if moving_despeckled is not None else despeckled(moving, preprocessing, device,
+                                                                                   cancel)
     smpi = None
-    if settings is not None:
-        fixed_in = despeckle(fixed, settings, device, cancel=cancel).output
-        moving_in = despeckle(moving, settings, device, cancel=cancel).output
+    if preprocessing != "none":
         smpi = metrics.smpi(sitk.GetArrayViewFromImage(fixed).astype(np.float64),
                             sitk.GetArrayViewFromImage(fixed_in).astype(np.float64))
     field = register_demons(fixed_in, moving_in, cancel=cancel)
