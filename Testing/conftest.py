@@ -20,3 +20,13 @@ def scene():
     scene = slicer.vtkMRMLScene()
     yield scene
     scene.Clear(1)
+
+
+@pytest.fixture()
+def sequences_logic(scene):
+    """The Sequences module's logic on `scene`: it creates the browsers' proxy nodes."""
+    import slicer
+
+    logic = slicer.vtkSlicerSequencesLogic()
+    logic.SetMRMLScene(scene)
+    return logic

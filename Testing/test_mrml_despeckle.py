@@ -12,10 +12,8 @@ def test_volume_keeps_geometry_and_input(scene):
     assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0  # scenario cleaned up
 
 
-def test_sequence_in_sequence_out_with_proxy(scene):
-    logic = slicer.vtkSlicerSequencesLogic()
-    logic.SetMRMLScene(scene)
-    selftests.scenario_sequence_in_sequence_out(scene, logic)
+def test_sequence_in_sequence_out_with_proxy(scene, sequences_logic):
+    selftests.scenario_sequence_in_sequence_out(scene, sequences_logic)
 
 
 def test_cancel_after_frame_2_of_5_leaves_nothing(scene):
@@ -30,10 +28,8 @@ def test_unet_volume(scene):
     selftests.scenario_unet_volume(scene)
 
 
-def test_proxy_node_leads_to_its_sequence(scene):
-    logic = slicer.vtkSlicerSequencesLogic()
-    logic.SetMRMLScene(scene)
-    selftests.scenario_proxy_node_leads_to_its_sequence(scene, logic)
+def test_proxy_node_leads_to_its_sequence(scene, sequences_logic):
+    selftests.scenario_proxy_node_leads_to_its_sequence(scene, sequences_logic)
 
 
 def test_offscreen_slice_view_shows_the_volume_and_the_smoothing(scene):

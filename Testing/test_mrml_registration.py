@@ -11,10 +11,8 @@ def test_grid_transform_applied_by_mrml_reproduces_the_warped_volume(scene):
     selftests.scenario_grid_transform_reproduces_warp(scene)
 
 
-def test_sequence_of_fixed_frames(scene):
-    logic = slicer.vtkSlicerSequencesLogic()
-    logic.SetMRMLScene(scene)
-    selftests.scenario_registration_sequence(scene, logic)
+def test_sequence_of_fixed_frames(scene, sequences_logic):
+    selftests.scenario_registration_sequence(scene, sequences_logic)
 
 
 def test_cancel_after_frame_2_leaves_nothing(scene):

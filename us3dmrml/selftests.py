@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import SimpleITK as sitk
 import slicer
 import vtk
 
 from us3d.despeckle import Cancelled, ObnlmSettings, UnetSettings, despeckle_array
 from us3d.errors import InputError
+from us3d.registration.synthetic import shifted_blobs
 from us3dmrml.despeckle import despeckle_sequence_node, despeckle_volume_node
 from us3dmrml.nodes import _set_geometry, _set_voxels, array_from_volume_node
 
@@ -32,24 +34,42 @@ def speckle_volume(shape=(6, 40, 48), seed: int = 0) -> np.ndarray:
     return np.clip(40 * np.log(1 + 4 * envelope) + 20, 0, 255).astype(np.uint8)
 
 
-def add_volume(scene, array: np.ndarray, name: str = "US volume"):
+def blob_volume(shift_mm: tuple[float, float, float]) -> np.ndarray:
+    """Smooth blobs (k, j, i), moved by `shift_mm` (x, y, z): a registration with a known answer."""
+    return sitk.GetArrayFromImage(shifted_blobs(shift_mm=shift_mm))
+
+
+def volume_node(array: np.ndarray, name: str = "US volume"):
+    """A scalar volume node (not in a scene) on the oblique test geometry."""
     node = slicer.vtkMRMLScalarVolumeNode()
     node.SetName(name)
     _set_voxels(node, array)
     _set_geometry(node, SPACING, ORIGIN_LPS, DIRECTION_LPS)
+    return node
+
+
+def add_volume(scene, array: np.ndarray, name: str = "US volume"):
+    node = volume_node(array, name)
     scene.AddNode(node)
     return node
 
 
-def add_sequence(scene, frames: int = 5, name: str = "US sequence"):
-    """A sequence of `frames` speckle volumes (index values 0, 0.2, ...) and its browser."""
+def sequence_node(arrays: list[np.ndarray], index_values: list[str], name: str):
+    """A sequence node (not in a scene) of volume nodes on the oblique test geometry."""
     sequence = slicer.vtkMRMLSequenceNode()
     sequence.SetName(name)
-    for t in range(frames):
-        node = slicer.vtkMRMLScalarVolumeNode()
-        _set_voxels(node, speckle_volume(seed=t))
-        _set_geometry(node, SPACING, ORIGIN_LPS, DIRECTION_LPS)
-        sequence.SetDataNodeAtValue(node, f"{0.2 * t:g}")
+    for array, value in zip(arrays, index_values):
+        sequence.SetDataNodeAtValue(volume_node(array), value)
+    return sequence
+
+
+def add_sequence(scene, frames: int = 5, name: str = "US sequence", arrays: list[np.ndarray] | None = None,
+                 index_values: list[str] | None = None):
+    """A sequence and its browser: `arrays` (default: `frames` speckle volumes) with `index_values`
+    (default 0, 0.2, ...)."""
+    arrays = arrays if arrays is not None else [speckle_volume(seed=t) for t in range(frames)]
+    values = index_values or [f"{0.2 * t:g}" for t in range(len(arrays))]
+    sequence = sequence_node(arrays, values, name)
     scene.AddNode(sequence)
     browser = slicer.vtkMRMLSequenceBrowserNode()
     browser.SetName(name + " browser")
@@ -58,18 +78,27 @@ def add_sequence(scene, frames: int = 5, name: str = "US sequence"):
     return sequence, browser
 
 
-def volume_hash(node) -> str:
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    digest = hashlib.sha256(array_from_volume_node(node).tobytes())
-    digest.update(np.array([matrix.GetElement(r, c) for r in range(4) for c in range(4)]).tobytes())
-    return digest.hexdigest()
-
-
 def ijk_to_ras(node) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def volume_hash(node) -> str:
+    digest = hashlib.sha256(array_from_volume_node(node).tobytes())
+    digest.update(ijk_to_ras(node).tobytes())
+    return digest.hexdigest()
+
+
+def cancelled_after_two_frames(run) -> list[int]:
+    """Call run(progress, cancel) with a cancel that answers yes once two frames are done; the
+    frames reported done. Raises AssertionError if the run was not cancelled."""
+    done = []
+    try:
+        run(lambda d, t: done.append(d), lambda: len(done) >= 2)
+    except Cancelled:
+        return done
+    raise AssertionError("the run was not cancelled")
 
 
 def _remove(scene, *nodes) -> None:
@@ -129,14 +158,8 @@ def scenario_cancel_leaves_scene_unchanged(scene) -> None:
     """Cancelling after frame 2 of 5 adds no node and changes no node."""
     sequence, browser = add_sequence(scene)
     count = scene.GetNumberOfNodes()
-    done = []
-    try:
-        despeckle_sequence_node(scene, sequence, ObnlmSettings(), "cpu", progress=lambda d, t: done.append(d),
-                                cancel=lambda: len(done) >= 2, browser_node=browser)
-    except Cancelled:
-        pass
-    else:
-        raise AssertionError("the run was not cancelled")
+    done = cancelled_after_two_frames(lambda progress, cancel: despeckle_sequence_node(
+        scene, sequence, ObnlmSettings(), "cpu", progress, cancel, browser_node=browser))
     try:
         assert done == [1, 2]
         assert scene.GetNumberOfNodes() == count, "a cancelled run left nodes in the scene"
@@ -159,12 +182,7 @@ def scenario_bad_inputs_are_refused(scene) -> None:
     empty = slicer.vtkMRMLSequenceNode()
     empty.SetName("empty")
     scene.AddNode(empty)
-    mixed = slicer.vtkMRMLSequenceNode()
-    mixed.SetName("mixed sizes")
-    for t, shape in enumerate(((6, 40, 48), (6, 40, 40))):
-        frame = slicer.vtkMRMLScalarVolumeNode()
-        _set_voxels(frame, speckle_volume(shape))
-        mixed.SetDataNodeAtValue(frame, str(t))
+    mixed = sequence_node([speckle_volume((6, 40, 48)), speckle_volume((6, 40, 40))], ["0", "1"], "mixed sizes")
     scene.AddNode(mixed)
     count = scene.GetNumberOfNodes()
     try:
@@ -214,31 +232,21 @@ DESPECKLE_SCENARIOS = ((scenario_volume_keeps_geometry_and_input, False), (scena
 
 # --- USRegistration ---------------------------------------------------------------------------
 
-def _blob_node(scene, shift_mm, name):
-    """Smooth blobs on the oblique test geometry, moved by `shift_mm` (x, y, z) in LPS."""
-    from us3d.registration.synthetic import shifted_blobs
-
-    image = shifted_blobs(shift_mm=shift_mm)
-    node = add_volume(scene, sitk_array(image), name)
-    return node
-
-
-def sitk_array(image):
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(image)
+def _interior(image: sitk.Image) -> sitk.Image:
+    """A mask on `image`'s grid: 1 except on its outermost voxels."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return sitk.BinaryErode(ones, [1, 1, 1])
 
 
 def scenario_grid_transform_reproduces_warp(scene) -> None:
     """The moving volume under the output grid transform, hardened by MRML's own transform logic,
     equals the warped output volume (within the field's domain; tolerance 1e-3 of the range)."""
-    import SimpleITK as sitk
-
     from us3dmrml.nodes import image_from_volume_node
     from us3dmrml.registration import register_volume_nodes
 
-    fixed = _blob_node(scene, (0.0, 0.0, 0.0), "fixed")
-    moving = _blob_node(scene, (1.2, -0.6, 0.0), "moving")
+    fixed = add_volume(scene, blob_volume((0.0, 0.0, 0.0)), "fixed")
+    moving = add_volume(scene, blob_volume((1.2, -0.6, 0.0)), "moving")
     hashes = volume_hash(fixed), volume_hash(moving)
     run = register_volume_nodes(scene, fixed, moving, "demons", "none", "cpu")
     hardened = None
@@ -258,15 +266,12 @@ def scenario_grid_transform_reproduces_warp(scene) -> None:
         field = sitk.DisplacementFieldTransform(sitk.Cast(result.field, sitk.sitkVectorFloat64))
         moving_image = image_from_volume_node(moving)
         reference = sitk.GetArrayFromImage(sitk.Resample(moving_image, theirs, field, sitk.sitkLinear, 0.0))
-        ones = sitk.Image(result.field.GetSize(), sitk.sitkUInt8) + 1
-        ones.CopyInformation(result.field)
-        ones = sitk.BinaryErode(ones, [1, 1, 1])  # the field's outer voxels: ITK and VTK extrapolate differently
-        domain = sitk.GetArrayFromImage(sitk.Resample(ones, theirs, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-        # and where x + d(x) falls inside the moving volume (ITK and VTK differ within half a voxel of its edge)
-        inside = sitk.Image(moving_image.GetSize(), sitk.sitkUInt8) + 1
-        inside.CopyInformation(moving_image)
-        inside = sitk.BinaryErode(inside, [1, 1, 1])
-        domain *= sitk.GetArrayFromImage(sitk.Resample(inside, theirs, field, sitk.sitkNearestNeighbor, 0))
+        # inside the field, off its outer voxels (ITK and VTK extrapolate differently there), and where
+        # x + d(x) falls inside the moving volume, off its outer voxels (they differ within half a voxel)
+        domain = (sitk.GetArrayFromImage(sitk.Resample(_interior(result.field), theirs, sitk.Transform(),
+                                                       sitk.sitkNearestNeighbor, 0))
+                  * sitk.GetArrayFromImage(sitk.Resample(_interior(moving_image), theirs, field,
+                                                         sitk.sitkNearestNeighbor, 0)))
         difference = np.abs(sitk.GetArrayFromImage(theirs) - reference)[domain > 0]
         assert difference.size > 1000, "the hardened volume does not overlap the fixed grid"
         assert difference.max() < 1e-3 * reference.max(), f"MRML's warp differs by {difference.max()}"
@@ -279,21 +284,10 @@ def scenario_registration_sequence(scene, sequences_logic=None) -> None:
     sequence of grid transforms with the same index values, MSE reduced, inputs unchanged."""
     from us3dmrml.registration import register_sequence_node
 
-    sequence = slicer.vtkMRMLSequenceNode()
-    sequence.SetName("fixed frames")
     shifts = [(0.0, 0.0, 0.0), (0.8, 0.0, 0.0), (1.6, -0.4, 0.0)]
-    temporary = []
-    for t, shift in enumerate(shifts):
-        node = _blob_node(scene, shift, f"frame {t}")
-        temporary.append(node)
-        sequence.SetDataNodeAtValue(node, f"{t / 6:.3f}")
-    for node in temporary:
-        scene.RemoveNode(node)
-    scene.AddNode(sequence)
-    browser = slicer.vtkMRMLSequenceBrowserNode()
-    scene.AddNode(browser)
-    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
-    moving = _blob_node(scene, shifts[0], "moving (exhale)")
+    sequence, browser = add_sequence(scene, name="fixed frames", arrays=[blob_volume(shift) for shift in shifts],
+                                     index_values=[f"{t / 6:.3f}" for t in range(len(shifts))])
+    moving = add_volume(scene, blob_volume(shifts[0]), "moving (exhale)")
     before = [volume_hash(sequence.GetNthDataNode(n)) for n in range(3)] + [volume_hash(moving)]
     seen = []
     run = register_sequence_node(scene, sequence, moving, "demons", "none", "cpu", progress=lambda d, t: seen.append(d),
@@ -317,14 +311,8 @@ def scenario_registration_cancel_leaves_scene_unchanged(scene) -> None:
     sequence, browser = add_sequence(scene, frames=4)
     moving = add_volume(scene, speckle_volume(), "moving")
     count = scene.GetNumberOfNodes()
-    done = []
-    try:
-        register_sequence_node(scene, sequence, moving, "demons", "none", "cpu", progress=lambda d, t: done.append(d),
-                               cancel=lambda: len(done) >= 2, browser_node=browser)
-    except Cancelled:
-        pass
-    else:
-        raise AssertionError("the run was not cancelled")
+    done = cancelled_after_two_frames(lambda progress, cancel: register_sequence_node(
+        scene, sequence, moving, "demons", "none", "cpu", progress, cancel, browser_node=browser))
     try:
         assert done == [1, 2] and scene.GetNumberOfNodes() == count
     finally:
