@@ -241,7 +241,7 @@ def cmd_train_despeckle(args: argparse.Namespace) -> int:
 
     from us3d.despeckle import ObnlmSettings
     from us3d.devices import resolve_device
-    from us3d.models.bundle import MODELS_DIR, save_model, update_manifest
+    from us3d.models.bundle import MODELS_DIR, save_model, update_manifest, weights_sha256
     from us3d.training.data import TRAINING_SEED_START, training_set, validation_set
     from us3d.training.despeckle import (TrainingSettings, count_flops, model_card, train_despeckler,
                                          training_metadata, validate, write_log_line)
@@ -281,7 +281,8 @@ def cmd_train_despeckle(args: argparse.Namespace) -> int:
     metadata["validation"] = validation
     digest = save_model(model, output, metadata)
     name = output.stem
-    output.with_suffix(".md").write_text(model_card(name, dict(metadata, weights_sha256=_weights(output)), validation))
+    output.with_suffix(".md").write_text(model_card(name, dict(metadata, weights_sha256=weights_sha256(model)),
+                                                    validation))
     if output.resolve().parent == MODELS_DIR.resolve():
         update_manifest(name, output.name, digest, args.target)
     for row in validation:
@@ -289,12 +290,6 @@ def cmd_train_despeckle(args: argparse.Namespace) -> int:
               f"SMPI {row['smpi_model']:.3f} vs target {row['smpi_target']:.3f}")
     print(f"wrote {output}, {output.with_suffix('.md')}, {log_path} ({wall / 60:.1f} min)")
     return 0
-
-
-def _weights(path: Path) -> str:
-    from us3d.models.bundle import load_model
-
-    return load_model(str(path)).metadata["weights_sha256"]
 
 
 # --- demo ------------------------------------------------------------------------------------

@@ -103,9 +103,7 @@ def sequence_from_sequence_node(node) -> VolumeSequence:
         raise InputError(f"sequence {node.GetName()} has no frames")
     frames, first = [], None
     for n in range(count):
-        frame = node.GetNthDataNode(n)
-        check_volume_node(frame)
-        image = image_from_volume_node(frame)
+        image = image_from_volume_node(node.GetNthDataNode(n))  # checks the frame
         if first is None:
             first = image
         elif image.GetSize() != first.GetSize():
