@@ -27,8 +27,8 @@ class Conv3d(nn.Conv3d):
         if x.device.type == "cpu" and x.dtype == torch.float32:
             weight = self.weight.contiguous(memory_format=torch.channels_last_3d)
             return torch.mkldnn_convolution(x.contiguous(memory_format=torch.channels_last_3d), weight, self.bias,
-                                            [p for p in self.padding], [1, 1, 1], [1, 1, 1], 1)
-        return F.conv3d(x, self.weight, self.bias, padding=self.padding)
+                                            [p for p in self.padding], [s for s in self.stride], [1, 1, 1], 1)
+        return F.conv3d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
 
 
 class DenseBlock(nn.Module):

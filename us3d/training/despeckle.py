@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from us3d import __version__, metrics
 from us3d.despeckle import ObnlmSettings
 from us3d.models.inference import normalisation, predict
 from us3d.models.unet import DenseUNet3D
 from us3d.training.data import TrainingVolume
+from us3d.training import distributed as ddp
 
 
 @dataclasses.dataclass
@@ -95,20 +93,13 @@ def validate(module: torch.nn.Module, volumes: list[TrainingVolume], device: tor
 def train_despeckler(volumes: list[TrainingVolume], settings: TrainingSettings, device: torch.device,
                      log: Callable[[dict], None] | None = None) -> DenseUNet3D:
     """Train a DenseUNet3D on (input, target) volumes; returns the model (rank 0's copy under DDP)."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank = 0
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank = dist.get_rank()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    distributed, rank, device = ddp.start(device)
     torch.manual_seed(settings.seed)  # same initial weights on every rank
     rng = np.random.default_rng([settings.seed, rank])
     model = DenseUNet3D().to(device)
     trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     optimiser = torch.optim.Adam(trained.parameters(), lr=settings.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps)))
+    schedule = ddp.cosine_schedule(optimiser, settings.steps)
     stats = [normalisation(volume.input) for volume in volumes]
     start, running = time.perf_counter(), []
     for step in range(1, settings.steps + 1):
@@ -123,8 +114,7 @@ def train_despeckler(volumes: list[TrainingVolume], settings: TrainingSettings, 
             log({"step": step, "loss": float(np.mean(running)), "lr": schedule.get_last_lr()[0],
                  "seconds": round(time.perf_counter() - start, 1)})
             running = []
-    if distributed:
-        dist.destroy_process_group()
+    ddp.stop(distributed)
     return model.eval()
 
 
