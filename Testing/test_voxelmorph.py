@@ -34,13 +34,61 @@ def test_integration_of_a_constant_velocity_is_that_displacement():
                                atol=1e-4)
 
 
-def test_network_starts_near_identity_and_keeps_the_shape():
+def test_network_starts_near_identity_and_keeps_any_shape():
     torch.manual_seed(0)
     model = VoxelMorph()
-    fixed, moving = torch.rand(1, 1, 16, 32, 48), torch.rand(1, 1, 16, 32, 48)
+    fixed, moving = torch.rand(1, 1, 13, 40, 50), torch.rand(1, 1, 13, 40, 50)  # not multiples of 8 x 16 x 16
     displacement = model(fixed, moving)
-    assert displacement.shape == (1, 3, 16, 32, 48)
+    assert displacement.shape == (1, 3, 13, 40, 50)
     assert displacement.abs().max() < 1e-2
+
+
+def test_network_output_does_not_depend_on_the_intensity_scale():
+    torch.manual_seed(0)
+    model = VoxelMorph()
+    with torch.no_grad():
+        model.flow.weight.normal_(std=0.1)  # a field well above rounding
+        fixed, moving = torch.rand(1, 1, 8, 32, 32), torch.rand(1, 1, 8, 32, 32)
+        first = model(fixed, moving)
+        second = model(3 * fixed + 40, 3 * moving + 40)
+    assert first.abs().max() > 1e-2
+    np.testing.assert_allclose(first.numpy(), second.numpy(), atol=1e-4)
+
+
+def test_scripted_model_round_trip_and_field_geometry(tmp_path):
+    from us3d.models.bundle import load_model, save_model
+    from us3d.registration.voxelmorph import register_voxelmorph
+
+    torch.manual_seed(1)
+    model = VoxelMorph()
+    with torch.no_grad():
+        model.flow.bias.copy_(torch.tensor([0.0, 0.0, 0.25]))  # a constant velocity: 0.5 voxel in i at full size
+    path = tmp_path / "vm.pt"
+    save_model(model, path, {"task": "registration", "preprocessing": "none"})
+    loaded = load_model(str(path))
+    assert loaded.metadata["task"] == "registration"
+    fixed = shifted_blobs((16, 32, 48))
+    fixed.SetSpacing((0.5, 0.3, 0.8))
+    fixed.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    field = sitk.GetArrayFromImage(register_voxelmorph(fixed, fixed, loaded.module, torch.device("cpu")))
+    with torch.no_grad():
+        expected_voxels = model(_tensor(fixed), _tensor(fixed))[0].numpy()  # (k, j, i) voxels
+    # the image's i axis (0.5 mm) points to +y in LPS, its j axis (0.3 mm) to -x
+    np.testing.assert_allclose(field[..., 1], 0.5 * expected_voxels[2], atol=1e-5)
+    np.testing.assert_allclose(field[..., 0], -0.3 * expected_voxels[1], atol=1e-5)
+    assert abs(np.median(field[..., 1]) - 0.25) < 0.05
+
+
+def test_registrar_refuses_a_despeckling_model_and_unknown_methods():
+    import pytest
+
+    from us3d.errors import InputError
+    from us3d.registration.pairs import registrar
+
+    with pytest.raises(InputError, match="not a registration model"):
+        registrar("voxelmorph", "none", "cpu", model="unet-obnlm")
+    with pytest.raises(InputError, match="method must be one of"):
+        registrar("bspline")
 
 
 def test_loss_terms():

@@ -1,9 +1,13 @@
 """VoxelMorph (Balakrishnan et al., IEEE TMI 2019) in torch: network, spatial transformer,
-scaling-and-squaring integration and the unsupervised loss (the paper's eq. 5 plus smoothness).
+scaling-and-squaring integration and the training loss (the paper's eq. 5 plus smoothness).
 
 Tensors are (batch, channel, k, j, i). Displacements inside the network are in voxels, channel
 order (k, j, i); `displacement_to_field` turns them into the ITK field (LPS mm) used elsewhere.
-Training and a bundled model are still to come (issue 4).
+
+The network predicts a stationary velocity at half the in-plane resolution (VoxelMorph's
+`int_downsize` 2): breathing motion is smooth, and dropping the full-resolution decoder layers
+makes a 128x128x32 pair about 4x cheaper. The velocity is integrated there and the displacement
+upsampled to the input grid.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Spatial sizes must be multiples of this (four 2x poolings).
-SIZE_MULTIPLE = 16
+from us3d.models.unet import Conv3d
+
+#: The network pads k to a multiple of 8 and (j, i) to multiples of 16 (its strides).
+PAD_MULTIPLE = (8, 16, 16)
 
 
 def _identity_grid(shape: List[int], device: torch.device) -> torch.Tensor:
@@ -25,76 +31,114 @@ def _identity_grid(shape: List[int], device: torch.device) -> torch.Tensor:
     return torch.stack(torch.meshgrid(axes, indexing="ij"))  # (3, k, j, i) voxel coordinates
 
 
+def transform(moving: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """moving(x + u(x)), trilinear, edge values outside; u in voxels, (b, 3, k, j, i), channels (k, j, i)."""
+    shape = list(displacement.shape[2:])
+    position = _identity_grid(shape, displacement.device)[None] + displacement
+    # grid_sample wants (x, y, z) = (i, j, k) normalised to [-1, 1] with align_corners=True
+    normalised = torch.stack([2 * position[:, 2 - axis] / max(shape[2 - axis] - 1, 1) - 1 for axis in range(3)],
+                             dim=-1)
+    return F.grid_sample(moving, normalised, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 class SpatialTransformer(nn.Module):
-    """moving(x + u(x)), trilinear; u in voxels, (b, 3, k, j, i) with channels (k, j, i)."""
+    """`transform` as a module (VoxelMorph's name for it)."""
 
     def forward(self, moving: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-        shape = list(displacement.shape[2:])
-        position = _identity_grid(shape, displacement.device)[None] + displacement
-        # grid_sample wants (x, y, z) = (i, j, k) normalised to [-1, 1] with align_corners=True
-        normalised = torch.stack([2 * position[:, 2 - axis] / max(shape[2 - axis] - 1, 1) - 1 for axis in range(3)],
-                                 dim=-1)
-        return F.grid_sample(moving, normalised, mode="bilinear", padding_mode="border", align_corners=True)
+        return transform(moving, displacement)
 
 
 def integrate(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     """Diffeomorphic displacement from a stationary velocity field by scaling and squaring."""
-    transformer = SpatialTransformer()
     displacement = velocity / (2 ** steps)
     for _ in range(steps):
-        displacement = displacement + transformer(displacement, displacement)
+        displacement = displacement + transform(displacement, displacement)
     return displacement
 
 
-def _block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, padding=1), nn.LeakyReLU(0.2))
+class _Block(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: List[int]) -> None:
+        super().__init__()
+        self.conv = Conv3d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.activation = nn.LeakyReLU(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.conv(x))
+
+
+def normalised(volume: torch.Tensor) -> torch.Tensor:
+    """Each volume of the batch minus its mean, divided by its std (1 for a constant volume)."""
+    flat = volume.flatten(1)
+    mean = flat.mean(1).view(-1, 1, 1, 1, 1)
+    std = flat.std(1).view(-1, 1, 1, 1, 1)
+    return (volume - mean) / torch.where(std > 0, std, torch.ones_like(std))
 
 
 class VoxelMorph(nn.Module):
-    """U-Net over (fixed, moving) -> displacement in voxels (b, 3, k, j, i).
+    """(fixed, moving) volumes (b, 1, k, j, i), any intensity scale -> displacement in voxels
+    (b, 3, k, j, i), channels (k, j, i): warping moving by it (`SpatialTransformer`) aligns it to fixed.
 
-    Widths as in VoxelMorph: encoder 16-32-32-32, decoder 32-32-32-32-32-16-16; the flow head
-    starts with small weights so the initial field is near zero. With `integration_steps` > 0
-    the head's output is a velocity integrated by scaling and squaring.
+    Encoder: strided 3x3x3 convolutions, widths 16-32-32-32 as in VoxelMorph; the first halves
+    only (j, i), which makes the B-mode grid (0.3-0.4 mm in-plane, 0.8 mm elevation) about
+    isotropic, the next three halve every axis. Decoder 32-32-32-16 with skips, one more
+    16-channel convolution and a flow head with small initial weights, at half in-plane
+    resolution. The velocity is integrated by scaling and squaring (`integration_steps`).
+    Each volume is normalised by its own mean and std; sizes are padded (edge values) to
+    multiples of `PAD_MULTIPLE` and the output cropped back.
     """
 
-    def __init__(self, encoder=(16, 32, 32, 32), decoder=(32, 32, 32, 32, 32, 16, 16), integration_steps: int = 7):
+    def __init__(self, encoder: tuple[int, ...] = (16, 32, 32, 32), decoder: tuple[int, ...] = (32, 32, 32, 16, 16),
+                 integration_steps: int = 7) -> None:
         super().__init__()
+        if len(encoder) != 4 or len(decoder) != 5:
+            raise ValueError("VoxelMorph needs 4 encoder widths and 5 decoder widths")
+        self.encoder_widths = list(encoder)
+        self.decoder_widths = list(decoder)
         self.integration_steps = integration_steps
+        strides = [[1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
         self.encoders = nn.ModuleList()
-        channels, skips = 2, []
-        for width in encoder:
-            self.encoders.append(_block(channels, width))
-            skips.append(width)
+        channels = 2
+        for width, stride in zip(encoder, strides):
+            self.encoders.append(_Block(channels, width, stride))
             channels = width
+        self.bottom = _Block(channels, decoder[0], [1, 1, 1])
+        channels = decoder[0]
         self.decoders = nn.ModuleList()
-        for level in range(len(encoder)):
-            self.decoders.append(_block(channels + skips[-1 - level], decoder[level]))
-            channels = decoder[level]
-        self.extra = nn.ModuleList()
-        for width in decoder[len(encoder):]:
-            self.extra.append(_block(channels, width))
-            channels = width
-        self.flow = nn.Conv3d(channels, 3, 3, padding=1)
+        for level in range(3):  # back up to the first encoder level (half in-plane resolution)
+            self.decoders.append(_Block(channels + encoder[2 - level], decoder[level + 1], [1, 1, 1]))
+            channels = decoder[level + 1]
+        self.extra = _Block(channels, decoder[4], [1, 1, 1])
+        self.flow = Conv3d(decoder[4], 3, 3, padding=1)
         nn.init.normal_(self.flow.weight, std=1e-5)
         nn.init.zeros_(self.flow.bias)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        y = torch.cat([fixed, moving], 1)
+        if fixed.dim() != 5 or fixed.shape[1] != 1 or fixed.shape != moving.shape:
+            raise ValueError("fixed and moving must both be (batch, 1, k, j, i) with the same shape")
+        k, j, i = fixed.shape[2], fixed.shape[3], fixed.shape[4]
+        pads = [(-k) % 8, (-j) % 16, (-i) % 16]  # PAD_MULTIPLE
+        y = torch.cat([normalised(fixed.float()), normalised(moving.float())], 1)
+        if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
+            y = F.pad(y, [0, pads[2], 0, pads[1], 0, pads[0]], mode="replicate")
         skips: List[torch.Tensor] = []
         for encoder in self.encoders:
             y = encoder(y)
             skips.append(y)
-            y = F.max_pool3d(y, 2)
+        y = self.bottom(y)
         for level, decoder in enumerate(self.decoders):
-            y = F.interpolate(y, scale_factor=2.0, mode="nearest")
-            y = decoder(torch.cat([y, skips[len(skips) - 1 - level]], 1))
-        for block in self.extra:
-            y = block(y)
-        flow = self.flow(y)
+            skip = skips[2 - level]
+            y = F.interpolate(y, size=[skip.shape[2], skip.shape[3], skip.shape[4]], mode="trilinear",
+                              align_corners=False)
+            y = decoder(torch.cat([y, skip], 1))
+        velocity = self.flow(self.extra(y)).contiguous()
         if self.integration_steps > 0:
-            flow = integrate(flow, self.integration_steps)
-        return flow
+            velocity = integrate(velocity, self.integration_steps)
+        # half in-plane resolution -> the padded input grid; (j, i) components are in half-voxels
+        full = [k + pads[0], j + pads[1], i + pads[2]]
+        displacement = F.interpolate(velocity, size=full, mode="trilinear", align_corners=False)
+        scale = torch.tensor([full[0] / velocity.shape[2], full[1] / velocity.shape[3], full[2] / velocity.shape[4]],
+                             device=displacement.device).view(1, 3, 1, 1, 1)
+        return (displacement * scale)[:, :, :k, :j, :i]
 
 
 def smoothness(displacement: torch.Tensor) -> torch.Tensor:
@@ -118,3 +162,28 @@ def displacement_to_field(displacement: np.ndarray, reference: sitk.Image) -> si
     field = sitk.GetImageFromArray((index_mm @ direction.T).astype(np.float64), isVector=True)
     field.CopyInformation(reference)
     return field
+
+
+def model_name(preprocessing: str) -> str:
+    """The bundled VoxelMorph model trained on frames with this pre-processing (none, obnlm, unet)."""
+    return f"voxelmorph-{preprocessing}"
+
+
+def register_voxelmorph(fixed: sitk.Image, moving: sitk.Image, module: torch.nn.Module,
+                        device: torch.device) -> sitk.Image:
+    """Displacement field (LPS mm, fixed grid) from a VoxelMorph module; `moving` must be on the fixed grid.
+
+    A CUDA out-of-memory error falls back to the CPU with a warning.
+    """
+    fixed_tensor = torch.from_numpy(sitk.GetArrayFromImage(fixed).astype(np.float32))[None, None]
+    moving_tensor = torch.from_numpy(sitk.GetArrayFromImage(moving).astype(np.float32))[None, None]
+    with torch.inference_mode():
+        try:
+            displacement = module.to(device)(fixed_tensor.to(device), moving_tensor.to(device))
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda":
+                raise
+            import warnings
+            warnings.warn("CUDA out of memory: registering on the CPU instead")
+            displacement = module.to("cpu")(fixed_tensor, moving_tensor)
+    return displacement_to_field(displacement[0].float().cpu().numpy(), fixed)
