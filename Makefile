@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick model-unet-obnlm model-unet-sim clean
+.PHONY: demo test bench bench-quick model-unet-obnlm model-unet-sim model-voxelmorph-none model-voxelmorph-obnlm \
+	model-voxelmorph-unet clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,18 @@ model-unet-obnlm: $(STAMP)
 
 model-unet-sim: $(STAMP)
 	$(BIN)/us3d train-despeckle Resources/Models/unet-sim.pt --target clean $(UNET_TRAINING)
+
+# The bundled VoxelMorph models, one per pre-processing of the frames (see their model cards).
+VOXELMORPH_TRAINING := --sequences 24 --frames 8 --steps 2000 --batch-size 1 --threads 1 --seed 0 --cache .cache/registration
+
+model-voxelmorph-none: $(STAMP)
+	$(BIN)/us3d train-register Resources/Models/voxelmorph-none.pt --despeckle none $(VOXELMORPH_TRAINING)
+
+model-voxelmorph-obnlm: $(STAMP)
+	$(BIN)/us3d train-register Resources/Models/voxelmorph-obnlm.pt --despeckle obnlm $(VOXELMORPH_TRAINING)
+
+model-voxelmorph-unet: $(STAMP)
+	$(BIN)/us3d train-register Resources/Models/voxelmorph-unet.pt --despeckle unet $(VOXELMORPH_TRAINING)
 
 clean:
 	rm -rf $(VENV) demo-output
