@@ -118,7 +118,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, entry in sorted(entries.items()):
         path = MODELS_DIR / entry["file"]
         state = "ok" if path.is_file() and file_sha256(path) == entry["sha256"] else "MISSING OR CORRUPT"
-        print(f"{name:12} target={entry['target']:6} {entry['file']} sha256 {entry['sha256'][:12]}... {state}")
+        print(f"{name:16} {entry.get('task', 'despeckle'):12} target={entry['target']:6} {entry['file']} "
+              f"sha256 {entry['sha256'][:12]}... {state}")
     return 0
 
 
@@ -208,7 +209,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     from us3d.io import atomic_outputs, check_output_path, read_volume, write_volume
-    from us3d.registration.pairs import register_pair
+    from us3d.registration.pairs import register_pair, registrar
 
     warped_path = check_output_path(args.warped, args.fixed, args.moving)
     outputs = [warped_path]
@@ -217,7 +218,8 @@ def cmd_register(args: argparse.Namespace) -> int:
         if outputs[1] == warped_path:
             raise InputError("--field must name another file than the warped output")
     fixed, moving = read_volume(args.fixed), read_volume(args.moving)
-    result = register_pair(fixed, moving, args.method, args.despeckle, args.device)
+    result = register_pair(fixed, moving, args.method, args.despeckle, args.device,
+                           register=registrar(args.method, args.despeckle, args.device, args.model))
     with atomic_outputs(outputs) as temporaries:
         write_volume(result.warped, temporaries[0])
         if args.field:
@@ -229,6 +231,70 @@ def cmd_register(args: argparse.Namespace) -> int:
     print(f"MSE {result.mse_before:.5f} -> {result.mse_after:.5f} (intensities scaled to [0, 1]), "
           f"folding {100 * result.folding:.3f}% of voxels{smpi}, {result.seconds:.1f} s")
     print("wrote " + ", ".join(str(p) for p in outputs))
+    return 0
+
+
+# --- register-sequence -----------------------------------------------------------------------
+
+METRIC_COLUMNS = ("frame", "index_value", "mse_before", "mse_after", "smpi", "folding_percent",
+                  "endpoint_error_mean_mm", "endpoint_error_p95_mm", "seconds")
+
+
+def cmd_register_sequence(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    from us3d.io import atomic_outputs, check_output_path, read_sequence, write_any
+    from us3d.registration.fields import read_field
+    from us3d.registration.pairs import register_sequence
+
+    outdir = Path(args.outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"{outdir} exists and is not a folder")
+    sequence = read_sequence(args.sequence)
+    count = len(sequence)
+    if not 0 <= args.reference_frame < count:
+        raise InputError(f"--reference-frame must be between 0 and {count - 1} for this {count}-frame sequence")
+    truths = None
+    if args.truth_dir:
+        if args.reference_frame != 0:
+            raise InputError("the phantom's true fields map frame 0 to each frame: use --reference-frame 0 "
+                             "with --truth-dir")
+        truth_paths = [Path(args.truth_dir) / f"displacement_{t:03d}.mha" for t in range(count)]
+        missing = [str(p) for p in truth_paths if not p.is_file()]
+        if missing:
+            raise InputError(f"true field {missing[0]} not found (us3d phantom --truth-dir writes them)")
+        truths = [read_field(p) for p in truth_paths]
+    outputs = [check_output_path(outdir / "warped.seq.nrrd", args.sequence)]
+    outputs += [outdir / f"displacement_{t:03d}.mha" for t in range(count)]
+    outputs.append(outdir / "metrics.csv")
+    results = register_sequence(sequence, args.reference_frame, args.method, args.despeckle, args.device, truths,
+                                progress=ProgressBar("register"))
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(METRIC_COLUMNS)
+    for t, result in enumerate(results):
+        epe = result.endpoint_error or (float("nan"), float("nan"))
+        writer.writerow([t, sequence.index_values[t], f"{result.mse_before:.6f}", f"{result.mse_after:.6f}",
+                         "" if result.smpi is None else f"{result.smpi:.4f}", f"{100 * result.folding:.4f}",
+                         "" if truths is None else f"{epe[0]:.4f}", "" if truths is None else f"{epe[1]:.4f}",
+                         f"{result.seconds:.3f}"])
+    outdir.mkdir(parents=True, exist_ok=True)
+    warped = sequence.with_frames(np.stack([sitk.GetArrayFromImage(r.warped) for r in results]))
+    with atomic_outputs(outputs) as temporaries:
+        write_any(warped, temporaries[0])
+        for temporary, result in zip(temporaries[1:-1], results):
+            write_any(result.field, temporary)
+        Path(temporaries[-1]).write_text(table.getvalue())
+    print(table.getvalue(), end="")
+    others = [r for t, r in enumerate(results) if t != args.reference_frame] or results
+    summary = (f"frame {args.reference_frame} registered to {count} frames with {args.method}: mean MSE "
+               f"{np.mean([r.mse_before for r in others]):.5f} -> {np.mean([r.mse_after for r in others]):.5f}, "
+               f"{np.median([r.seconds for r in results]):.2f} s per pair")
+    if truths is not None:
+        summary += f", mean endpoint error {np.mean([r.endpoint_error[0] for r in others]):.3f} mm"
+    print(summary)
+    print(f"wrote {outputs[0]}, {count} displacement fields and {outputs[-1]}")
     return 0
 
 
@@ -292,6 +358,62 @@ def cmd_train_despeckle(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train-register -------------------------------------------------------------------------
+
+def cmd_train_register(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from us3d.devices import resolve_device
+    from us3d.models.bundle import MODELS_DIR, save_model, update_manifest, weights_sha256
+    from us3d.training import registration as training
+    from us3d.training.despeckle import write_log_line
+
+    output = Path(args.output)
+    if output.suffix != ".pt":
+        raise InputError(f"the model file must end with .pt, not {output.name}")
+    if not output.parent.is_dir():
+        raise InputError(f"folder {output.parent} does not exist")
+    if args.frames < 2:
+        raise InputError("--frames must be at least 2 (an exhale frame and a frame to register to it)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    cache = Path(args.cache) if args.cache else None
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    seeds = list(range(training.TRAINING_SEED_START, training.TRAINING_SEED_START + args.sequences))
+    sequences = training.motion_sequences(seeds, args.frames, args.despeckle, cache)
+    settings = training.RegistrationTrainingSettings(args.steps, args.batch_size, args.lr, args.smoothness,
+                                                     args.truth_weight, args.seed)
+    log_path = output.with_suffix(".log.jsonl")
+    if rank0 and log_path.exists():
+        log_path.unlink()
+    start = time.perf_counter()
+    model = training.train_registration(sequences, settings, device, write_log_line(log_path) if rank0 else None)
+    wall = time.perf_counter() - start
+    if not rank0:
+        return 0
+    data = {"sequences": args.sequences, "frames": args.frames, "seeds": f"{seeds[0]}-{seeds[-1]}"}
+    metadata = training.training_metadata(args.despeckle, settings, data, wall, device.type, sequences[0].spacing)
+    model = model.cpu()
+    metadata["parameters"] = sum(p.numel() for p in model.parameters())
+    validation = training.validate(model, training.motion_sequences(training.VALIDATION_SEEDS, args.frames,
+                                                                    args.despeckle, cache))
+    metadata["validation"] = validation
+    digest = save_model(model, output, metadata)
+    name = output.stem
+    output.with_suffix(".md").write_text(training.model_card(name, dict(metadata, weights_sha256=weights_sha256(model)),
+                                                             validation))
+    if output.resolve().parent == MODELS_DIR.resolve():
+        update_manifest(name, output.name, digest, args.despeckle, task="registration")
+    for row in validation:
+        print(f"{row['sequence']}: mean endpoint error {row['endpoint_error_mm']:.3f} mm, "
+              f"MSE {row['mse_before']:.4f} -> {row['mse_after']:.4f}")
+    print(f"wrote {output}, {output.with_suffix('.md')}, {log_path} ({wall / 60:.1f} min)")
+    return 0
+
+
 # --- demo ------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -300,6 +422,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(Path(args.outdir), frames=args.frames, device=args.device, progress=ProgressBar("demo"))
     print(f"wrote {report}")
     return 0
+
+
+def _registration_options(p: argparse.ArgumentParser) -> None:
+    from us3d.devices import DEVICE_CHOICES
+
+    p.add_argument("--method", choices=("voxelmorph", "demons"), default="voxelmorph",
+                   help="voxelmorph: the bundled model for the pre-processing (fast); demons: multi-resolution "
+                        "SimpleITK demons (default voxelmorph)")
+    p.add_argument("--despeckle", choices=("none", "obnlm", "unet"), default="none",
+                   help="despeckle the volumes before registering (default none)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="compute device (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("register", help="deformable registration of a moving volume onto a fixed volume",
-                       description="Register MOVING onto FIXED (multi-resolution demons), optionally despeckling "
+                       description="Register MOVING onto FIXED (VoxelMorph or demons), optionally despeckling "
                                    "both first; write the warped moving volume and, with --field, the displacement "
                                    "field (ITK displacement field: LPS, mm, on the fixed grid; Slicer loads it as "
                                    "a transform).")
@@ -364,11 +497,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("moving", help="moving volume (e.g. the exhale frame)")
     p.add_argument("warped", help="output: the moving volume warped onto the fixed grid")
     p.add_argument("--field", help="output: displacement field (.mha, .nrrd or .nii.gz)")
-    p.add_argument("--method", choices=("demons",), default="demons", help="registration method (default demons)")
-    p.add_argument("--despeckle", choices=("none", "obnlm", "unet"), default="none",
-                   help="despeckle fixed and moving before registering (default none)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="device for despeckling (default auto)")
+    _registration_options(p)
+    p.add_argument("--model", help="VoxelMorph model name or .pt file (default: the bundled voxelmorph-<despeckle>)")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("register-sequence", help="register the exhale frame of a 4D sequence to every frame",
+                       description="The paper's protocol: the reference (exhale) frame of SEQUENCE is registered to "
+                                   "every frame. Writes OUTDIR/warped.seq.nrrd, one displacement field per frame "
+                                   "(OUTDIR/displacement_NNN.mha: ITK displacement field, LPS, mm) and "
+                                   "OUTDIR/metrics.csv (MSE before/after, SMPI, folding, endpoint error with "
+                                   "--truth-dir, seconds).")
+    p.add_argument("sequence", help="4D sequence (.seq.nrrd)")
+    p.add_argument("outdir", help="output folder (created if missing)")
+    p.add_argument("--reference-frame", type=int, default=0, help="the moving (exhale) frame (default 0)")
+    p.add_argument("--truth-dir", help="folder with the true fields displacement_NNN.mha (us3d phantom --truth-dir)")
+    _registration_options(p)
+    p.set_defaults(func=cmd_register_sequence)
 
     p = sub.add_parser("train-despeckle", help="train the 3D dense U-Net despeckler",
                        description="Train the 3D dense U-Net on simulated liver sequences (and the real spine "
@@ -391,6 +535,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's choice)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="compute device (default auto)")
     p.set_defaults(func=cmd_train_despeckle)
+
+    p = sub.add_parser("train-register", help="train VoxelMorph on simulated breathing sequences",
+                       description="Train VoxelMorph on simulated 4D breathing sequences: the exhale frame 0 is "
+                                   "registered to every other frame. Writes OUTPUT.pt (TorchScript), OUTPUT.md "
+                                   "(model card) and OUTPUT.log.jsonl. Under torchrun it trains data-parallel (DDP).")
+    p.add_argument("output", help="model file to write (.pt); inside Resources/Models the manifest is updated")
+    p.add_argument("--despeckle", choices=("none", "obnlm", "unet"), default="none",
+                   help="pre-processing of the frames, as it will be at inference (default none)")
+    p.add_argument("--sequences", type=_positive_int, default=24, help="simulated training sequences (default 24)")
+    p.add_argument("--frames", type=_positive_int, default=8, help="frames per sequence (default 8)")
+    p.add_argument("--steps", type=_positive_int, default=2000, help="optimiser steps (default 2000)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="pairs per step (default 1)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--smoothness", type=float, default=0.1, help="weight of the smoothness term (default 0.1)")
+    p.add_argument("--truth-weight", type=float, default=0.1,
+                   help="weight (per mm^2) of the endpoint error against the simulator's true motion; "
+                        "0 gives the paper's unsupervised loss (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--cache", help="folder to cache simulated, pre-processed sequences")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="compute device (default auto)")
+    p.set_defaults(func=cmd_train_register)
 
     p = sub.add_parser("demo", help="run the main job end to end and write a report",
                        description="Simulated 4D liver sequence and a real 3D volume -> OBNLM -> metrics -> "

@@ -19,12 +19,13 @@ def sample_data(name: str) -> Path:
 
 
 def read_manifest(manifest: Path | None = None) -> dict[str, dict]:
-    """Bundled models by name (Resources/Models/manifest.json): {"file", "sha256", "target", "card"}."""
+    """Bundled models by name (Resources/Models/manifest.json): {"file", "sha256", "task", "target", "card"}."""
     manifest = manifest or RESOURCES / "Models" / "manifest.json"
     if not manifest.exists():
         return {}
     return {entry["name"]: entry for entry in json.loads(manifest.read_text())["models"]}
 
 
-def bundled_model_names() -> list[str]:
-    return sorted(read_manifest())
+def bundled_model_names(task: str = "despeckle") -> list[str]:
+    """Names of the bundled models for `task` (despeckle or registration)."""
+    return sorted(name for name, entry in read_manifest().items() if entry.get("task", "despeckle") == task)

@@ -123,9 +123,10 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu") -> LoadedM
     return LoadedModel(module, metadata, path, name)
 
 
-def update_manifest(name: str, filename: str, sha256: str, target: str) -> None:
-    """Add or replace a bundled model's entry in the manifest."""
+def update_manifest(name: str, filename: str, sha256: str, target: str, task: str = "despeckle") -> None:
+    """Add or replace a bundled model's entry in the manifest. `task`: despeckle or registration;
+    `target`: what a despeckler reproduces, or a registration model's input pre-processing."""
     entries = read_manifest()
-    entries[name] = {"name": name, "file": filename, "sha256": sha256, "target": target,
+    entries[name] = {"name": name, "file": filename, "sha256": sha256, "task": task, "target": target,
                      "card": Path(filename).with_suffix(".md").name}
     MANIFEST.write_text(json.dumps({"models": [entries[n] for n in sorted(entries)]}, indent=2) + "\n")

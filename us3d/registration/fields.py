@@ -8,6 +8,9 @@ and the convention of the phantom's ground truth (frame t <- frame 0).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -25,6 +28,21 @@ def field_array(field: sitk.Image) -> np.ndarray:
     """(k, j, i, 3) float64 displacements in mm, (x, y, z) LPS."""
     check_field(field)
     return sitk.GetArrayFromImage(field).astype(np.float64)
+
+
+def read_field(path: str | os.PathLike) -> sitk.Image:
+    """A displacement field file (e.g. .mha), checked; InputError for anything else."""
+    if not Path(path).is_file():
+        raise InputError(f"displacement field {path} not found")
+    try:
+        field = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError(f"{path}: not a readable image") from None
+    try:
+        check_field(field)
+    except InputError as error:
+        raise InputError(f"{path}: {error}") from None
+    return field
 
 
 def check_field(field: sitk.Image) -> None:
@@ -70,3 +88,13 @@ def endpoint_error(field: sitk.Image, truth: sitk.Image, mask: np.ndarray | None
     if error.size == 0:
         raise InputError("the mask selects no voxels")
     return float(error.mean()), float(np.percentile(error, 95))
+
+
+def source_inside(field: sitk.Image, moving: sitk.Image) -> np.ndarray:
+    """(k, j, i) bool mask of the fixed voxels x whose x + d(x) falls inside `moving`'s grid: where
+    motion can be tracked at all (tissue that came in from outside the field of view cannot)."""
+    check_field(field)
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    return sitk.GetArrayFromImage(sitk.Resample(ones, field, transform, sitk.sitkNearestNeighbor, 0)) > 0
