@@ -5,8 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick model-unet-obnlm model-unet-sim model-voxelmorph-none model-voxelmorph-obnlm \
-	model-voxelmorph-unet clean
+.PHONY: demo test bench bench-quick model-unet-obnlm model-unet-sim model-voxelmorph clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_obnlm.py
-	$(BIN)/python benchmarks/bench_unet.py
+bench: $(STAMP)  # every benchmark: benchmarks/RESULTS.md and the section reports with their figures
+	$(BIN)/python benchmarks/run_all.py
 
 bench-quick: $(STAMP)  # writes into benchmarks/output/, leaving the committed reports alone
-	mkdir -p benchmarks/output
-	$(BIN)/python benchmarks/bench_obnlm.py --quick --output benchmarks/output/RESULTS.md
-	$(BIN)/python benchmarks/bench_unet.py --quick --output benchmarks/output/RESULTS-unet.md
+	$(BIN)/python benchmarks/run_all.py --quick --outdir benchmarks/output
 
 # The bundled U-Nets, one command each (61 min each with one CPU thread per run; the two runs
 # were made side by side on a 2-core machine, no GPU). Writes the .pt, its model card (.md), the
@@ -41,17 +37,10 @@ model-unet-obnlm: $(STAMP)
 model-unet-sim: $(STAMP)
 	$(BIN)/us3d train-despeckle Resources/Models/unet-sim.pt --target clean $(UNET_TRAINING)
 
-# The bundled VoxelMorph models, one per pre-processing of the frames (see their model cards).
-VOXELMORPH_TRAINING := --sequences 24 --frames 8 --steps 2000 --batch-size 1 --threads 1 --seed 0 --cache .cache/registration
-
-model-voxelmorph-none: $(STAMP)
-	$(BIN)/us3d train-register Resources/Models/voxelmorph-none.pt --despeckle none $(VOXELMORPH_TRAINING)
-
-model-voxelmorph-obnlm: $(STAMP)
-	$(BIN)/us3d train-register Resources/Models/voxelmorph-obnlm.pt --despeckle obnlm $(VOXELMORPH_TRAINING)
-
-model-voxelmorph-unet: $(STAMP)
-	$(BIN)/us3d train-register Resources/Models/voxelmorph-unet.pt --despeckle unet $(VOXELMORPH_TRAINING)
+# The bundled VoxelMorph model, trained on original, OBNLM and U-Net inputs alike (see its model card).
+model-voxelmorph: $(STAMP)
+	$(BIN)/us3d train-register Resources/Models/voxelmorph.pt --inputs none obnlm unet --sequences 24 --frames 8 \
+		--steps 3600 --batch-size 1 --threads 2 --seed 0 --cache .cache/registration
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -99,7 +99,8 @@ def test_output_over_input_is_refused(sample_dir, tmp_path):
 
 
 def test_help_on_every_command():
-    for command in ("despeckle", "metrics", "phantom", "demo", "models", "train-despeckle", "register"):
+    for command in ("despeckle", "metrics", "phantom", "demo", "models", "train-despeckle", "register",
+                    "register-sequence", "train-register"):
         code, out, _ = run(command, "--help")
         assert code == 0 and "usage: us3d" in out
 
@@ -114,8 +115,11 @@ def test_demo_writes_report_views_and_volumes(tmp_path):
             assert f"]({png.name})" in report
             image = sitk.GetArrayFromImage(sitk.ReadImage(str(png)))
             assert image.ndim == 2 and image.shape[1] > panels * 100 and image.std() > 10
-    for method in ("obnlm", "unet-obnlm", "unet-sim"):
+    for method in ("obnlm", "unet-obnlm", "unet-sim", "warped_voxelmorph"):
         assert read_sequence(tmp_path / "demo" / f"liver_{method}.seq.nrrd").frames.shape == (2, 32, 128, 128)
+    assert "| U-Net (unet-obnlm) |" in report.split("## Registration")[1]
+    for pre in ("none", "obnlm", "unet"):
+        assert f"](registration_{pre}-axial-k.png)" in report
 
 
 def test_despeckle_with_bundled_unet_and_bad_model(sample_dir, tmp_path):
@@ -169,7 +173,7 @@ def test_register_writes_warped_volume_and_field(tmp_path):
     moving = shifted_blobs(shift_mm=(1.5, 0.6, 0.0))
     sitk.WriteImage(moving, str(tmp_path / "moving.nrrd"))
     code, out, err = run("register", str(tmp_path / "fixed.nrrd"), str(tmp_path / "moving.nrrd"),
-                         str(tmp_path / "warped.nrrd"), "--field", str(tmp_path / "field.mha"))
+                         str(tmp_path / "warped.nrrd"), "--field", str(tmp_path / "field.mha"), "--method", "demons")
     assert code == 0, err
     assert "MSE" in out and "folding 0.000%" in out and "resampled" not in out
     field = field_array(sitk.ReadImage(str(tmp_path / "field.mha")))
@@ -180,7 +184,7 @@ def test_register_writes_warped_volume_and_field(tmp_path):
     coarse = sitk.Resample(moving, [28, 24, 16], sitk.Transform(), sitk.sitkLinear, (0, 0, 0), (0.8, 0.6, 0.8))
     sitk.WriteImage(coarse, str(tmp_path / "coarse.nrrd"))
     code, out, err = run("register", str(tmp_path / "fixed.nrrd"), str(tmp_path / "coarse.nrrd"),
-                         str(tmp_path / "warped2.nrrd"))
+                         str(tmp_path / "warped2.nrrd"), "--method", "demons")
     assert code == 0 and "resampled onto the fixed grid" in out, err
     assert sitk.ReadImage(str(tmp_path / "warped2.nrrd")).GetSize() == shifted_blobs().GetSize()
 
@@ -193,3 +197,56 @@ def test_register_bad_input(tmp_path, sample_dir):
     assert code == 2 and "error:" in err and not (tmp_path / "w.nrrd").exists()
     code, _, err = run("register", spine, spine, str(tmp_path / "w.nrrd"), "--field", str(tmp_path / "w.nrrd"))
     assert code == 2 and "another file" in err
+
+
+def test_register_sequence_with_the_bundled_voxelmorph_against_the_truth(phantom_files, tmp_path):
+    import csv
+
+    from us3d.registration.fields import field_array
+
+    out_dir = tmp_path / "registered"
+    code, out, err = run("register-sequence", phantom_files / "liver.seq.nrrd", out_dir, "--truth-dir", phantom_files)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out_dir / "metrics.csv")))
+    assert [row["frame"] for row in rows] == ["0", "1"]
+    # frame 0 onto itself: nothing moves; frame 1: MSE drops and the error is well under the motion
+    truth = field_array(sitk.ReadImage(str(phantom_files / "displacement_001.mha")))
+    motion = float(np.linalg.norm(truth, axis=-1).mean())
+    assert float(rows[0]["endpoint_error_mean_mm"]) < 0.2
+    assert float(rows[1]["mse_after"]) < float(rows[1]["mse_before"])
+    assert float(rows[1]["endpoint_error_mean_mm"]) < 0.5 * motion
+    assert float(rows[1]["folding_percent"]) < 0.1
+    warped = read_sequence(out_dir / "warped.seq.nrrd")
+    assert warped.frames.shape == (2, 32, 128, 128) and warped.spacing == pytest.approx((0.4, 0.3, 0.8))
+    field = sitk.ReadImage(str(out_dir / "displacement_001.mha"))
+    assert field.GetNumberOfComponentsPerPixel() == 3 and field.GetSpacing() == pytest.approx((0.4, 0.3, 0.8))
+    assert "mean endpoint error" in out
+
+
+def test_register_sequence_bad_input(phantom_files, tmp_path, sample_dir):
+    sequence = phantom_files / "liver.seq.nrrd"
+    for args, message in [((sequence, tmp_path / "a", "--reference-frame", "5"), "between 0 and 1"),
+                          ((sequence, tmp_path / "b", "--reference-frame", "1", "--truth-dir", phantom_files),
+                           "--reference-frame 0"),
+                          ((sequence, tmp_path / "c", "--truth-dir", tmp_path), "not found"),
+                          ((sample_dir / "MouseLiverB.mha", tmp_path / "d"), "error:")]:
+        code, _, err = run("register-sequence", *args)
+        assert code == 2 and message in err, err
+        assert not any(tmp_path.glob("*/warped.seq.nrrd"))
+    code, _, err = run("register", sample_dir / "MouseLiverB.mha", sample_dir / "MouseLiverB.mha",
+                       tmp_path / "w.nrrd", "--model", "unet-obnlm")
+    assert code == 2 and "not a registration model" in err and not (tmp_path / "w.nrrd").exists()
+
+
+def test_train_register_writes_a_loadable_model_and_card(tmp_path):
+    from us3d.models.bundle import load_model
+
+    model = tmp_path / "vm.pt"
+    code, out, err = run("train-register", model, "--sequences", "1", "--frames", "2", "--steps", "2",
+                         "--threads", "2", "--cache", tmp_path / "cache", "--inputs", "none")
+    assert code == 0, err
+    loaded = load_model(str(model))
+    assert loaded.metadata["task"] == "registration" and loaded.metadata["training"]["steps"] == 2
+    assert loaded.metadata["preprocessing"] == ["none"]
+    assert "endpoint error" in (tmp_path / "vm.md").read_text()
+    assert len((tmp_path / "vm.log.jsonl").read_text().splitlines()) == 1

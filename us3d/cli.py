@@ -383,32 +383,33 @@ def cmd_train_register(args: argparse.Namespace) -> int:
     cache = Path(args.cache) if args.cache else None
     rank0 = int(os.environ.get("RANK", "0")) == 0
     seeds = list(range(training.TRAINING_SEED_START, training.TRAINING_SEED_START + args.sequences))
-    sequences = training.motion_sequences(seeds, args.frames, args.despeckle, cache)
+    inputs = list(dict.fromkeys(args.inputs))
+    groups = [training.motion_sequences(seeds, args.frames, pre, cache) for pre in inputs]
     settings = training.RegistrationTrainingSettings(args.steps, args.batch_size, args.lr, args.smoothness,
                                                      args.truth_weight, args.seed)
     log_path = output.with_suffix(".log.jsonl")
     if rank0 and log_path.exists():
         log_path.unlink()
     start = time.perf_counter()
-    model = training.train_registration(sequences, settings, device, write_log_line(log_path) if rank0 else None)
+    model = training.train_registration(groups, settings, device, write_log_line(log_path) if rank0 else None)
     wall = time.perf_counter() - start
     if not rank0:
         return 0
     data = {"sequences": args.sequences, "frames": args.frames, "seeds": f"{seeds[0]}-{seeds[-1]}"}
-    metadata = training.training_metadata(args.despeckle, settings, data, wall, device.type, sequences[0].spacing)
+    metadata = training.training_metadata(inputs, settings, data, wall, device.type, groups[0][0].spacing)
     model = model.cpu()
     metadata["parameters"] = sum(p.numel() for p in model.parameters())
-    validation = training.validate(model, training.motion_sequences(training.VALIDATION_SEEDS, args.frames,
-                                                                    args.despeckle, cache))
+    validation = training.validate(model, {pre: training.motion_sequences(training.VALIDATION_SEEDS, args.frames,
+                                                                          pre, cache) for pre in inputs})
     metadata["validation"] = validation
     digest = save_model(model, output, metadata)
     name = output.stem
     output.with_suffix(".md").write_text(training.model_card(name, dict(metadata, weights_sha256=weights_sha256(model)),
                                                              validation))
     if output.resolve().parent == MODELS_DIR.resolve():
-        update_manifest(name, output.name, digest, args.despeckle, task="registration")
+        update_manifest(name, output.name, digest, "+".join(inputs), task="registration")
     for row in validation:
-        print(f"{row['sequence']}: mean endpoint error {row['endpoint_error_mm']:.3f} mm, "
+        print(f"{row['preprocessing']}, {row['sequence']}: mean endpoint error {row['endpoint_error_mm']:.3f} mm, "
               f"MSE {row['mse_before']:.4f} -> {row['mse_after']:.4f}")
     print(f"wrote {output}, {output.with_suffix('.md')}, {log_path} ({wall / 60:.1f} min)")
     return 0
@@ -428,8 +429,8 @@ def _registration_options(p: argparse.ArgumentParser) -> None:
     from us3d.devices import DEVICE_CHOICES
 
     p.add_argument("--method", choices=("voxelmorph", "demons"), default="voxelmorph",
-                   help="voxelmorph: the bundled model for the pre-processing (fast); demons: multi-resolution "
-                        "SimpleITK demons (default voxelmorph)")
+                   help="voxelmorph: the bundled VoxelMorph model (fast); demons: multi-resolution SimpleITK demons "
+                        "(default voxelmorph)")
     p.add_argument("--despeckle", choices=("none", "obnlm", "unet"), default="none",
                    help="despeckle the volumes before registering (default none)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="compute device (default auto)")
@@ -498,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("warped", help="output: the moving volume warped onto the fixed grid")
     p.add_argument("--field", help="output: displacement field (.mha, .nrrd or .nii.gz)")
     _registration_options(p)
-    p.add_argument("--model", help="VoxelMorph model name or .pt file (default: the bundled voxelmorph-<despeckle>)")
+    p.add_argument("--model", help="VoxelMorph model name or .pt file (default: the bundled voxelmorph)")
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("register-sequence", help="register the exhale frame of a 4D sequence to every frame",
@@ -541,17 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "registered to every other frame. Writes OUTPUT.pt (TorchScript), OUTPUT.md "
                                    "(model card) and OUTPUT.log.jsonl. Under torchrun it trains data-parallel (DDP).")
     p.add_argument("output", help="model file to write (.pt); inside Resources/Models the manifest is updated")
-    p.add_argument("--despeckle", choices=("none", "obnlm", "unet"), default="none",
-                   help="pre-processing of the frames, as it will be at inference (default none)")
+    p.add_argument("--inputs", nargs="+", choices=("none", "obnlm", "unet"), default=["none", "obnlm", "unet"],
+                   help="pre-processings of the frames the model learns, as they will be at inference "
+                        "(default: all three)")
     p.add_argument("--sequences", type=_positive_int, default=24, help="simulated training sequences (default 24)")
     p.add_argument("--frames", type=_positive_int, default=8, help="frames per sequence (default 8)")
     p.add_argument("--steps", type=_positive_int, default=2000, help="optimiser steps (default 2000)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="pairs per step (default 1)")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--smoothness", type=float, default=0.1, help="weight of the smoothness term (default 0.1)")
-    p.add_argument("--truth-weight", type=float, default=0.1,
+    p.add_argument("--truth-weight", type=float, default=0.5,
                    help="weight (per mm^2) of the endpoint error against the simulator's true motion; "
-                        "0 gives the paper's unsupervised loss (default 0.1)")
+                        "0 gives the paper's unsupervised loss (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--cache", help="folder to cache simulated, pre-processed sequences")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's choice)")

@@ -105,9 +105,9 @@ def registrar(method: str = "voxelmorph", preprocessing: str = "none", device: s
     loaded = load_model(model or model_name(preprocessing), used)
     if loaded.metadata.get("task") != "registration":
         raise InputError(f"{loaded.name} is not a registration model")
-    trained_on = loaded.metadata.get("preprocessing")
-    if model is not None and trained_on != preprocessing:
-        warnings.warn(f"{loaded.name} was trained on {trained_on} frames, not {preprocessing}")
+    trained_on = loaded.metadata.get("preprocessing", [])
+    if preprocessing not in trained_on:
+        warnings.warn(f"{loaded.name} was trained on {', '.join(trained_on)} inputs, not {preprocessing}")
     return lambda fixed, moving, cancel: register_voxelmorph(fixed, moving, loaded.module, used)
 
 

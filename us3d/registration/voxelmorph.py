@@ -56,6 +56,44 @@ def integrate(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     return displacement
 
 
+def translation(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """(b, 3) shift s in voxels, (k, j, i), that best aligns moving(x + s) with fixed(x): the peak of their
+    FFT cross-correlation within a quarter of each axis, refined to sub-voxel by a parabola per axis."""
+    dims = [2, 3, 4]
+    shape = [fixed.shape[2], fixed.shape[3], fixed.shape[4]]
+    spectrum = torch.conj(torch.fft.rfftn(fixed, dim=dims)) * torch.fft.rfftn(moving, dim=dims)
+    correlation = torch.fft.irfftn(spectrum, s=shape, dim=dims)[:, 0]  # (b, k, j, i): sum fixed(x) moving(x + s)
+    allowed = torch.ones(shape, dtype=torch.bool, device=fixed.device)
+    for axis in range(3):
+        n = shape[axis]
+        index = torch.arange(n, device=fixed.device)
+        near = (index <= n // 4) | (index >= n - n // 4)
+        view = [1, 1, 1]
+        view[axis] = n
+        allowed = allowed & near.view(view)
+    correlation = torch.where(allowed[None], correlation, torch.full_like(correlation, -1e30))
+    batch = torch.arange(correlation.shape[0], device=fixed.device)
+    peak = correlation.flatten(1).argmax(1)
+    indices = [peak // (shape[1] * shape[2]), (peak // shape[2]) % shape[1], peak % shape[2]]
+    centre = correlation[batch, indices[0], indices[1], indices[2]]
+    shifts: List[torch.Tensor] = []
+    for axis in range(3):
+        n = shape[axis]
+        before = [indices[0], indices[1], indices[2]]
+        after = [indices[0], indices[1], indices[2]]
+        before[axis] = (indices[axis] - 1) % n
+        after[axis] = (indices[axis] + 1) % n
+        low = correlation[batch, before[0], before[1], before[2]]
+        high = correlation[batch, after[0], after[1], after[2]]
+        curvature = low - 2 * centre + high
+        offset = torch.where(curvature < 0, 0.5 * (low - high) / torch.where(curvature < 0, curvature,
+                                                                                   -torch.ones_like(curvature)),
+                             torch.zeros_like(curvature))
+        position = indices[axis].float() + offset.clamp(-0.5, 0.5)
+        shifts.append(torch.where(position > n / 2, position - n, position))
+    return torch.stack(shifts, 1)
+
+
 class _Block(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: List[int]) -> None:
         super().__init__()
@@ -83,8 +121,10 @@ class VoxelMorph(nn.Module):
     isotropic, the next three halve every axis. Decoder 32-32-32-16 with skips, one more
     16-channel convolution and a flow head with small initial weights, at half in-plane
     resolution. The velocity is integrated by scaling and squaring (`integration_steps`).
-    Each volume is normalised by its own mean and std; sizes are padded (edge values) to
-    multiples of `PAD_MULTIPLE` and the output cropped back.
+    Each volume is normalised by its own mean and std and the moving volume is first shifted by
+    `translation` (as VoxelMorph expects pre-aligned inputs): the network predicts what remains,
+    and the output is the sum. Sizes are padded (edge values) to multiples of `PAD_MULTIPLE`
+    and the output cropped back.
     """
 
     def __init__(self, encoder: tuple[int, ...] = (16, 32, 32, 32), decoder: tuple[int, ...] = (32, 32, 32, 16, 16),
@@ -117,7 +157,10 @@ class VoxelMorph(nn.Module):
             raise ValueError("fixed and moving must both be (batch, 1, k, j, i) with the same shape")
         k, j, i = fixed.shape[2], fixed.shape[3], fixed.shape[4]
         pads = [(-k) % 8, (-j) % 16, (-i) % 16]  # PAD_MULTIPLE
-        y = torch.cat([normalised(fixed.float()), normalised(moving.float())], 1)
+        fixed_n, moving_n = normalised(fixed.float()), normalised(moving.float())
+        # rigid pre-alignment (VoxelMorph expects pre-aligned inputs): the network learns what remains
+        shift = translation(fixed_n, moving_n).view(-1, 3, 1, 1, 1).expand(-1, 3, k, j, i)
+        y = torch.cat([fixed_n, transform(moving_n, shift)], 1)
         if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
             y = F.pad(y, [0, pads[2], 0, pads[1], 0, pads[0]], mode="replicate")
         skips: List[torch.Tensor] = []
@@ -138,7 +181,7 @@ class VoxelMorph(nn.Module):
         displacement = F.interpolate(velocity, size=full, mode="trilinear", align_corners=False)
         scale = torch.tensor([full[0] / velocity.shape[2], full[1] / velocity.shape[3], full[2] / velocity.shape[4]],
                              device=displacement.device).view(1, 3, 1, 1, 1)
-        return (displacement * scale)[:, :, :k, :j, :i]
+        return (displacement * scale)[:, :, :k, :j, :i] + shift
 
 
 def smoothness(displacement: torch.Tensor) -> torch.Tensor:
@@ -165,8 +208,9 @@ def displacement_to_field(displacement: np.ndarray, reference: sitk.Image) -> si
 
 
 def model_name(preprocessing: str) -> str:
-    """The bundled VoxelMorph model trained on frames with this pre-processing (none, obnlm, unet)."""
-    return f"voxelmorph-{preprocessing}"
+    """The bundled VoxelMorph model for frames with this pre-processing (none, obnlm, unet): one model
+    was trained on all three."""
+    return "voxelmorph"
 
 
 def register_voxelmorph(fixed: sitk.Image, moving: sitk.Image, module: torch.nn.Module,

@@ -4,7 +4,9 @@ The paper's protocol: in each 4D sequence the exhale frame (frame 0) is the movi
 every other frame is fixed. Sequences come from `us3d.phantom` (randomised anatomy and
 breathing up to 12 mm), one seed each, split by sequence: training seeds from
 TRAINING_SEED_START, validation seeds VALIDATION_SEEDS, benchmark (test) seeds TEST_SEEDS.
-Frames are pre-processed (none, OBNLM or the U-Net) before training, as at inference.
+Frames are pre-processed (none, OBNLM or the U-Net) before training, as at inference; one model
+learns all the pre-processings it is given (each pair is drawn under one of them at random), so
+the bundled model serves original, OBNLM and U-Net inputs alike.
 
 Loss: MSE between the normalised fixed and warped moving volumes (the paper's eq. 5) plus
 `smoothness_weight` x the squared displacement gradients (voxels), plus `truth_weight` x the
@@ -103,7 +105,7 @@ class RegistrationTrainingSettings:
     batch_size: int = 1
     learning_rate: float = 1e-3
     smoothness_weight: float = 0.1
-    truth_weight: float = 0.1  # per mm^2; 0 gives the paper's unsupervised loss
+    truth_weight: float = 0.5  # per mm^2; 0 gives the paper's unsupervised loss
     seed: int = 0
 
 
@@ -113,12 +115,13 @@ def truth_in_voxels(truth: np.ndarray, spacing: tuple[float, float, float]) -> n
     return np.stack([truth[..., 2] / spacing[2], truth[..., 1] / spacing[1], truth[..., 0] / spacing[0]])
 
 
-def _batch(sequences: list[MotionSequence], settings: RegistrationTrainingSettings,
+def _batch(groups: list[list[MotionSequence]], settings: RegistrationTrainingSettings,
            rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fixed, moving, true voxel displacement, spacing (k, j, i) mm) for random (frame t, frame 0) pairs,
-    mirrored in i half of the time."""
+    """(fixed, moving, true voxel displacement, spacing (k, j, i) mm) for random (frame t, frame 0) pairs
+    of a random group (pre-processing), mirrored in i half of the time."""
     fixed, moving, truth = [], [], []
     for _ in range(settings.batch_size):
+        sequences = groups[int(rng.integers(len(groups)))]
         sequence = sequences[int(rng.integers(len(sequences)))]
         t = int(rng.integers(1, len(sequence.frames)))
         f, m, d = sequence.frames[t], sequence.frames[0], truth_in_voxels(sequence.truth[t], sequence.spacing)
@@ -127,7 +130,7 @@ def _batch(sequences: list[MotionSequence], settings: RegistrationTrainingSettin
         fixed.append(np.ascontiguousarray(f))
         moving.append(np.ascontiguousarray(m))
         truth.append(np.ascontiguousarray(d, dtype=np.float32))
-    spacing = sequences[0].spacing
+    spacing = groups[0][0].spacing
     return (torch.from_numpy(np.stack(fixed))[:, None], torch.from_numpy(np.stack(moving))[:, None],
             torch.from_numpy(np.stack(truth)), torch.tensor([spacing[2], spacing[1], spacing[0]]).view(1, 3, 1, 1, 1))
 
@@ -144,10 +147,11 @@ def training_loss(model: torch.nn.Module, fixed: torch.Tensor, moving: torch.Ten
     return {"loss": loss, "mse": mse, "smoothness": smooth, "endpoint": endpoint}
 
 
-def train_registration(sequences: list[MotionSequence], settings: RegistrationTrainingSettings,
+def train_registration(groups: list[list[MotionSequence]], settings: RegistrationTrainingSettings,
                        device: torch.device, log: Callable[[dict], None] | None = None) -> VoxelMorph:
-    """Train VoxelMorph on (frame t, frame 0) pairs; returns the model (rank 0's copy under DDP)."""
-    if any(len(s.frames) < 2 for s in sequences):
+    """Train VoxelMorph on (frame t, frame 0) pairs of the sequences in `groups` (one group per
+    pre-processing); returns the model (rank 0's copy under DDP)."""
+    if any(len(s.frames) < 2 for sequences in groups for s in sequences):
         raise ValueError("every training sequence needs at least 2 frames")
     distributed, rank, device = ddp.start(device)
     torch.manual_seed(settings.seed)
@@ -158,7 +162,7 @@ def train_registration(sequences: list[MotionSequence], settings: RegistrationTr
     schedule = ddp.cosine_schedule(optimiser, settings.steps)
     start, running = time.perf_counter(), []
     for step in range(1, settings.steps + 1):
-        fixed, moving, truth, spacing = (x.to(device) for x in _batch(sequences, settings, rng))
+        fixed, moving, truth, spacing = (x.to(device) for x in _batch(groups, settings, rng))
         terms = training_loss(trained, fixed, moving, truth, spacing, settings)
         optimiser.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -175,11 +179,12 @@ def train_registration(sequences: list[MotionSequence], settings: RegistrationTr
     return model.eval()
 
 
-def validate(module: torch.nn.Module, sequences: list[MotionSequence]) -> list[dict]:
-    """Per held-out sequence: mean endpoint error (mm) and normalised MSE before/after, over its pairs."""
+def validate(module: torch.nn.Module, groups: dict[str, list[MotionSequence]]) -> list[dict]:
+    """Per pre-processing and held-out sequence: mean endpoint error (mm) and normalised MSE before/after,
+    over its pairs."""
     rows = []
     with torch.inference_mode():
-        for sequence in sequences:
+        for preprocessing, sequence in ((p, s) for p, sequences in groups.items() for s in sequences):
             spacing = torch.tensor([sequence.spacing[2], sequence.spacing[1], sequence.spacing[0]]).view(1, 3, 1, 1, 1)
             moving = torch.from_numpy(sequence.frames[0])[None, None]
             errors, before, after = [], [], []
@@ -191,19 +196,20 @@ def validate(module: torch.nn.Module, sequences: list[MotionSequence]) -> list[d
                 before.append(float(torch.nn.functional.mse_loss(normalised(moving), normalised(fixed))))
                 after.append(float(torch.nn.functional.mse_loss(transform(normalised(moving), displacement),
                                                                 normalised(fixed))))
-            rows.append({"sequence": sequence.name, "pairs": len(errors), "endpoint_error_mm": float(np.mean(errors)),
+            rows.append({"preprocessing": preprocessing, "sequence": sequence.name, "pairs": len(errors), "endpoint_error_mm": float(np.mean(errors)),
                          "mse_before": float(np.mean(before)), "mse_after": float(np.mean(after))})
     return rows
 
 
-def training_metadata(preprocessing: str, settings: RegistrationTrainingSettings, data: dict, wall_seconds: float,
+def training_metadata(preprocessing: list[str], settings: RegistrationTrainingSettings, data: dict, wall_seconds: float,
                       device: str, spacing: tuple[float, float, float]) -> dict:
     model = VoxelMorph()
     return {
         "us3d_version": __version__,
         "task": "registration",
         "architecture": {"name": "VoxelMorph", "encoder": model.encoder_widths, "decoder": model.decoder_widths,
-                         "integration_steps": model.integration_steps, "flow_resolution": "half in-plane"},
+                         "integration_steps": model.integration_steps, "flow_resolution": "half in-plane",
+                         "pre_alignment": "FFT cross-correlation translation"},
         "output": "displacement in voxels, (b, 3, k, j, i), channels (k, j, i): moving(x + u) matches fixed(x)",
         "normalisation": "each volume: (x - mean) / std, inside the model",
         "preprocessing": preprocessing,
@@ -216,18 +222,21 @@ def training_metadata(preprocessing: str, settings: RegistrationTrainingSettings
 def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
     """Markdown model card: architecture, data, loss, run and held-out validation figures."""
     training, data = metadata["training"], metadata["training"]["data"]
-    pre = {"none": "none (B-mode as acquired)", "obnlm": "OBNLM (slice-wise, M=3, alpha=1, h=0.7)",
-           "unet": "the bundled unet-obnlm U-Net"}[metadata["preprocessing"]]
+    names = {"none": "none (B-mode as acquired)", "obnlm": "OBNLM (slice-wise, M=3, alpha=1, h=0.7)",
+             "unet": "the bundled unet-obnlm U-Net"}
+    pre = "; ".join(names[p] for p in metadata["preprocessing"])
     lines = [
         f"# Model card: {name}",
         "",
         f"VoxelMorph for respiratory motion in 3D ultrasound (us3d {metadata['us3d_version']}), TorchScript, "
         "any volume size (padded to multiples of 8 x 16 x 16 inside).",
         "",
-        f"- **Input pre-processing**: {pre}, applied to fixed and moving volumes before the model.",
+        f"- **Input pre-processings learnt** (each training pair drawn under one at random): {pre}; the same "
+        "pre-processing is applied to fixed and moving volumes before the model.",
         f"- **Output**: {metadata['output']}; `us3d register` turns it into an ITK displacement field (LPS, mm).",
         f"- **Architecture**: encoder {metadata['architecture']['encoder']}, decoder "
-        f"{metadata['architecture']['decoder']}, velocity at half in-plane resolution, "
+        f"{metadata['architecture']['decoder']}, after a rigid pre-alignment (translation from the FFT "
+        "cross-correlation of the volumes; the network predicts the rest), velocity at half in-plane resolution, "
         f"{metadata['architecture']['integration_steps']} scaling-and-squaring steps; "
         f"{metadata['parameters']:,} parameters.",
         f"- **Training data**: {data['sequences']} simulated breathing sequences x {data['frames']} frames "
@@ -243,12 +252,12 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
         "",
         "## Held-out validation sequences (never trained on)",
         "",
-        "| sequence | pairs | mean endpoint error (mm) | MSE before | MSE after |",
-        "|---|---|---|---|---|",
+        "| input | sequence | pairs | mean endpoint error (mm) | MSE before | MSE after |",
+        "|---|---|---|---|---|---|",
     ]
     for row in validation:
-        lines.append(f"| {row['sequence']} | {row['pairs']} | {row['endpoint_error_mm']:.3f} | {row['mse_before']:.4f} "
-                     f"| {row['mse_after']:.4f} |")
+        lines.append(f"| {row['preprocessing']} | {row['sequence']} | {row['pairs']} | {row['endpoint_error_mm']:.3f} "
+                     f"| {row['mse_before']:.4f} | {row['mse_after']:.4f} |")
     lines += ["", "MSE on volumes normalised to zero mean and unit std. Benchmark on the test sequences: "
               "`python benchmarks/bench_registration.py`.", ""]
     return "\n".join(lines)
