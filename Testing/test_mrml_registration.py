@@ -17,3 +17,7 @@ def test_sequence_of_fixed_frames(scene, sequences_logic):
 
 def test_cancel_after_frame_2_leaves_nothing(scene):
     selftests.scenario_registration_cancel_leaves_scene_unchanged(scene)
+
+
+def test_bundled_voxelmorph_tracks_simulated_breathing(scene):
+    selftests.scenario_voxelmorph_tracks_simulated_breathing(scene)

@@ -28,9 +28,8 @@ if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOUR
 
 from us3d.dependencies import missing_packages  # noqa: E402  (no torch import)
 
-#: Registration methods shown in the panel; only those in AVAILABLE_METHODS can run in this version.
-METHODS = ["demons", "voxelmorph"]
-AVAILABLE_METHODS = ["demons"]
+#: Registration methods shown in the panel: the bundled VoxelMorph model and demons.
+METHODS = ["voxelmorph", "demons"]
 
 
 class USRegistration(ScriptedLoadableModule):
@@ -44,8 +43,10 @@ class USRegistration(ScriptedLoadableModule):
             "Deformable registration of 3D ultrasound volumes: the moving volume (for a 4D liver sequence, "
             "the exhale frame) is warped onto a fixed volume or onto every frame of a sequence. Speckle can be "
             "reduced first (OBNLM or U-Net). Outputs: warped volume(s) and the displacement as grid transforms. "
-            "Methods: multi-resolution demons (SimpleITK); VoxelMorph is not available in this version.")
-        self.parent.acknowledgementText = _("Demons: SimpleITK. OBNLM: Coupe et al., IEEE TIP 2009.")
+            "Methods: VoxelMorph (the bundled model, trained on original, OBNLM and U-Net inputs; well under a "
+            "second per frame) or multi-resolution demons (SimpleITK; seconds per frame).")
+        self.parent.acknowledgementText = _("VoxelMorph: Balakrishnan et al., IEEE TMI 2019. Demons: SimpleITK. "
+                                            "OBNLM: Coupe et al., IEEE TIP 2009.")
 
 
 @parameterNodeWrapper
@@ -60,7 +61,7 @@ class USRegistrationParameterNode:
     fixedVolume: vtkMRMLScalarVolumeNode
     allFrames: bool = True
     movingVolume: vtkMRMLScalarVolumeNode
-    method: Annotated[str, Choice(METHODS)] = "demons"
+    method: Annotated[str, Choice(METHODS)] = "voxelmorph"
     preprocessing: Annotated[str, Choice(["none", "obnlm", "unet"])] = "none"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     warpedVolume: vtkMRMLScalarVolumeNode
@@ -206,9 +207,6 @@ class USRegistrationLogic(ScriptedLoadableModuleLogic):
         missing = missing_packages()
         if missing:
             return _("Missing Python packages: {names}; click 'Install dependencies'").format(names=", ".join(missing))
-        if params.method not in AVAILABLE_METHODS:
-            return _("VoxelMorph is not available in this version: no registration model is bundled yet. "
-                     "Use demons.")
         from us3d.errors import InputError
         from us3dmrml.nodes import check_volume_node
 

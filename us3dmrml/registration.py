@@ -13,7 +13,7 @@ from typing import Callable
 
 from us3d.errors import Cancelled, InputError
 from us3d.io import VolumeSequence
-from us3d.registration.pairs import PairResult, despeckled, on_fixed_grid, register_pair
+from us3d.registration.pairs import PairResult, despeckled, on_fixed_grid, register_pair, registrar
 from us3dmrml.nodes import image_from_volume_node, new_sequence_node, new_volume_node
 from us3dmrml.transforms import grid_transform_from_field, new_grid_transform_node
 
@@ -27,7 +27,7 @@ class RegistrationRun:
     results: list[PairResult]
 
 
-def register_volume_nodes(scene, fixed_node, moving_node, method: str = "demons", preprocessing: str = "none",
+def register_volume_nodes(scene, fixed_node, moving_node, method: str = "voxelmorph", preprocessing: str = "none",
                           device: str = "auto", cancel: Callable[[], bool] | None = None) -> RegistrationRun:
     """Warp `moving_node` onto `fixed_node`: a new warped volume and a new grid transform node
     (placing the moving volume under that transform shows the same warped volume)."""
@@ -39,7 +39,7 @@ def register_volume_nodes(scene, fixed_node, moving_node, method: str = "demons"
     return RegistrationRun(warped, transform, [result])
 
 
-def register_sequence_node(scene, fixed_sequence, moving_node, method: str = "demons", preprocessing: str = "none",
+def register_sequence_node(scene, fixed_sequence, moving_node, method: str = "voxelmorph", preprocessing: str = "none",
                            device: str = "auto", progress: Callable[[int, int], None] | None = None,
                            cancel: Callable[[], bool] | None = None, browser_node=None,
                            sequences_logic=None) -> RegistrationRun:
@@ -54,6 +54,7 @@ def register_sequence_node(scene, fixed_sequence, moving_node, method: str = "de
     moving, resampled = on_fixed_grid(image_from_volume_node(fixed_sequence.GetNthDataNode(0)),
                                       image_from_volume_node(moving_node))
     moving_in = despeckled(moving, preprocessing, device, cancel)
+    register = registrar(method, preprocessing, device)  # a VoxelMorph model is loaded once for all frames
     results, values = [], []
     for n in range(count):
         if cancel is not None and cancel():
@@ -61,7 +62,8 @@ def register_sequence_node(scene, fixed_sequence, moving_node, method: str = "de
         frame = image_from_volume_node(fixed_sequence.GetNthDataNode(n))
         if n > 0 and frame.GetSize() != results[0].field.GetSize():
             raise InputError(f"frame {n} of {fixed_sequence.GetName()} has another size than frame 0")
-        result = register_pair(frame, moving, method, preprocessing, device, cancel=cancel, moving_despeckled=moving_in)
+        result = register_pair(frame, moving, method, preprocessing, device, cancel=cancel, moving_despeckled=moving_in,
+                               register=register)
         result.resampled = resampled
         results.append(result)
         values.append(fixed_sequence.GetNthIndexValue(n))
