@@ -1,4 +1,4 @@
-"""OBNLM and phantom benchmark: writes benchmarks/RESULTS.md (run: make bench).
+"""OBNLM and phantom benchmark: writes benchmarks/RESULTS-obnlm.md (run: make bench).
 
 Times are medians of several runs on a 128x128x32 simulated liver volume, after a warm-up run.
 The baseline, measured in the same run, is the vectorised torch implementation of the same
@@ -47,14 +47,18 @@ def peak_memory_child() -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2)  # GiB (ru_maxrss in KiB)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no 512^2x128 memory run")
-    parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS.md")))
-    args = parser.parse_args()
-    repeats = 3 if args.quick else 7
+    parser.add_argument("--tiny", action="store_true", help="a code-path check on a tiny crop (for the test suite)")
+    parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS-obnlm.md")))
+    args = parser.parse_args(argv)
+    args.quick = args.quick or args.tiny
+    repeats = 1 if args.tiny else 3 if args.quick else 7
 
     volume = simulate_volume(0).bmode[0]
+    if args.tiny:
+        volume = volume[:8, :32, :32].copy()
     rows = []
     for mode, m, a, goal in CASES:
         ours = median_time(lambda: obnlm(volume, mode, m, a, device="cpu"), repeats)
@@ -63,8 +67,9 @@ def main() -> None:
         print(f"{mode} M={m} alpha={a}: {ours:.3f} s (torch CPU {baseline:.3f} s)", file=sys.stderr)
 
     start = time.perf_counter()
-    simulate_sequence(8, seed=0)
-    phantom_per_frame = (time.perf_counter() - start) / 8
+    frames = 1 if args.tiny else 8
+    simulate_sequence(frames, seed=0)
+    phantom_per_frame = (time.perf_counter() - start) / frames
 
     memory = None
     if not args.quick:
@@ -72,14 +77,14 @@ def main() -> None:
         memory = float(child.stdout.strip().splitlines()[-1])
 
     lines = [
-        "# Benchmark results",
+        "# OBNLM speed",
         "",
-        f"Measured {datetime.date.today().isoformat()} by `make bench` (`python benchmarks/bench_obnlm.py`) on "
+        f"Measured {datetime.date.today().isoformat()} by `python benchmarks/bench_obnlm.py` on "
         f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
         f"torch {torch.__version__}, numba kernel on {torch.get_num_threads()} threads. "
         f"Median of {repeats} runs after a warm-up.",
         "",
-        "## OBNLM on one 128x128x32 volume (CPU)",
+        f"## OBNLM on one {'x'.join(map(str, volume.shape[::-1]))} volume (CPU)",
         "",
         "| mode | M | alpha | us3d (s) | goal (s) | torch CPU baseline (s) | speed-up vs baseline |",
         "|---|---|---|---|---|---|---|",
@@ -93,17 +98,19 @@ def main() -> None:
         "",
         "## Other figures",
         "",
-        f"- Phantom simulation: {phantom_per_frame:.2f} s per 128x128x32 frame (8-frame sequence, set-up included).",
+        f"- Phantom simulation: {phantom_per_frame:.2f} s per 128x128x32 frame ({frames}-frame sequence, set-up "
+        "included).",
     ]
     if memory is not None:
         lines.append(f"- Peak RSS of OBNLM 3d mode on a 512x512x128 volume (M=1, alpha=1; memory does not grow "
                      f"with M): {memory:.2f} GiB (goal: under 4 GB).")
     Path(args.output).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--memory-child"]:
         peak_memory_child()
     else:
-        main()
+        sys.exit(main())

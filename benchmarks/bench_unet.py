@@ -170,6 +170,7 @@ def report(fidelity, truth, times, model_info, quick) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 held-out volumes, fewer repeats")
+    parser.add_argument("--tiny", action="store_true", help="a code-path check: 1 volume, 1 repeat (for the test suite)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "RESULTS-unet.md"))
     parser.add_argument("--obnlm-model", default="unet-obnlm")
     parser.add_argument("--sim-model", default="unet-sim")
@@ -177,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = ObnlmSettings()
     cpu = torch.device("cpu")
     obnlm_model, sim_model = load_model(args.obnlm_model).module, load_model(args.sim_model).module
-    seeds = HELD_OUT_SEEDS[:2] if args.quick else HELD_OUT_SEEDS
+    seeds = HELD_OUT_SEEDS[:1] if args.tiny else HELD_OUT_SEEDS[:2] if args.quick else HELD_OUT_SEEDS
     fidelity, truth = evaluate(seeds, settings, obnlm_model, sim_model, cpu)
-    times = speed(settings, obnlm_model, 3 if args.quick else 9)
+    times = speed(settings, obnlm_model, 1 if args.tiny else 3 if args.quick else 9)
     from us3d.models.unet import DenseUNet3D
     plain = DenseUNet3D()
     info = {"parameters": sum(p.numel() for p in plain.parameters()), "gflops": count_flops(plain) / 1e9}
