@@ -232,7 +232,7 @@ def test_register_sequence_bad_input(phantom_files, tmp_path, sample_dir):
                           ((sample_dir / "MouseLiverB.mha", tmp_path / "d"), "error:")]:
         code, _, err = run("register-sequence", *args)
         assert code == 2 and message in err, err
-        assert not any(tmp_path.glob("*/warped.seq.nrrd"))
+        assert not args[1].exists()  # no output folder either
     code, _, err = run("register", sample_dir / "MouseLiverB.mha", sample_dir / "MouseLiverB.mha",
                        tmp_path / "w.nrrd", "--model", "unet-obnlm")
     assert code == 2 and "not a registration model" in err and not (tmp_path / "w.nrrd").exists()

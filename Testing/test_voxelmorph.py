@@ -37,8 +37,8 @@ def test_integration_of_a_constant_velocity_is_that_displacement():
 def test_network_starts_near_identity_and_keeps_any_shape():
     torch.manual_seed(0)
     model = VoxelMorph()
-    fixed, moving = torch.rand(1, 1, 13, 40, 50), torch.rand(1, 1, 13, 40, 50)  # not multiples of 8 x 16 x 16
-    displacement = model(fixed, moving)
+    volume = torch.rand(1, 1, 13, 40, 50)  # not multiples of 8 x 16 x 16
+    displacement = model(volume, volume)  # identical volumes: no pre-alignment shift, a near-zero network field
     assert displacement.shape == (1, 3, 13, 40, 50)
     assert displacement.abs().max() < 1e-2
 
@@ -99,3 +99,28 @@ def test_loss_terms():
     fixed = torch.rand(1, 1, 4, 8, 8)
     assert registration_loss(fixed, fixed, constant) == 0
     assert registration_loss(fixed, fixed + 1, constant) == 1
+
+
+def test_translation_finds_a_known_shift():
+    from us3d.registration.voxelmorph import translation
+
+    volume = _tensor(shifted_blobs((16, 48, 64)))
+    moved = torch.roll(volume, shifts=(2, -5, 9), dims=(2, 3, 4))  # moved(x) = volume(x - s)
+    shift = translation(volume, moved)[0]  # moved(x + s') matches volume(x): s' = s
+    np.testing.assert_allclose(shift.numpy(), [2, -5, 9], atol=0.25)
+
+
+def test_bundled_voxelmorph_recovers_a_known_shift_of_a_phantom_volume():
+    from us3d.phantom import simulate_volume
+    from us3d.registration.fields import field_array
+    from us3d.registration.pairs import register_pair
+
+    bmode = simulate_volume(9150).bmode[0]
+    fixed = sitk.GetImageFromArray(bmode[:, :, 10:-10].astype(np.float32))
+    fixed.SetSpacing((0.4, 0.3, 0.8))
+    moving = sitk.GetImageFromArray(bmode[:, :, 5:-15].astype(np.float32))  # fixed(x) = moving(x + 5 voxels in i)
+    moving.SetSpacing((0.4, 0.3, 0.8))
+    result = register_pair(fixed, moving, "voxelmorph", "none", "cpu")
+    inner = field_array(result.field)[4:-4, 8:-8, 8:-8].reshape(-1, 3)
+    np.testing.assert_allclose(np.median(inner, axis=0), [2.0, 0.0, 0.0], atol=0.3)
+    assert result.mse_after < 0.5 * result.mse_before and result.folding < 1e-3

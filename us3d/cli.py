@@ -244,13 +244,15 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
     import csv
     import io
 
-    from us3d.io import atomic_outputs, check_output_path, read_sequence, write_any
+    from us3d.io import atomic_outputs, read_sequence, write_any
     from us3d.registration.fields import read_field
     from us3d.registration.pairs import register_sequence
 
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"{outdir} exists and is not a folder")
+    if not outdir.parent.is_dir():
+        raise InputError(f"folder {outdir.parent} does not exist")
     sequence = read_sequence(args.sequence)
     count = len(sequence)
     if not 0 <= args.reference_frame < count:
@@ -265,9 +267,10 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
         if missing:
             raise InputError(f"true field {missing[0]} not found (us3d phantom --truth-dir writes them)")
         truths = [read_field(p) for p in truth_paths]
-    outputs = [check_output_path(outdir / "warped.seq.nrrd", args.sequence)]
-    outputs += [outdir / f"displacement_{t:03d}.mha" for t in range(count)]
+    outputs = [outdir / "warped.seq.nrrd"] + [outdir / f"displacement_{t:03d}.mha" for t in range(count)]
     outputs.append(outdir / "metrics.csv")
+    if Path(args.sequence).resolve() in {path.resolve() for path in outputs}:
+        raise InputError(f"{args.sequence} would be overwritten by an output; choose another folder")
     results = register_sequence(sequence, args.reference_frame, args.method, args.despeckle, args.device, truths,
                                 progress=ProgressBar("register"))
     table = io.StringIO()
@@ -279,13 +282,19 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
                          "" if result.smpi is None else f"{result.smpi:.4f}", f"{100 * result.folding:.4f}",
                          "" if truths is None else f"{epe[0]:.4f}", "" if truths is None else f"{epe[1]:.4f}",
                          f"{result.seconds:.3f}"])
-    outdir.mkdir(parents=True, exist_ok=True)
     warped = sequence.with_frames(np.stack([sitk.GetArrayFromImage(r.warped) for r in results]))
-    with atomic_outputs(outputs) as temporaries:
-        write_any(warped, temporaries[0])
-        for temporary, result in zip(temporaries[1:-1], results):
-            write_any(result.field, temporary)
-        Path(temporaries[-1]).write_text(table.getvalue())
+    created = not outdir.exists()
+    outdir.mkdir(exist_ok=True)  # only now that every frame is registered
+    try:
+        with atomic_outputs(outputs) as temporaries:
+            write_any(warped, temporaries[0])
+            for temporary, result in zip(temporaries[1:-1], results):
+                write_any(result.field, temporary)
+            Path(temporaries[-1]).write_text(table.getvalue())
+    except BaseException:
+        if created and not any(outdir.iterdir()):
+            outdir.rmdir()
+        raise
     print(table.getvalue(), end="")
     others = [r for t, r in enumerate(results) if t != args.reference_frame] or results
     summary = (f"frame {args.reference_frame} registered to {count} frames with {args.method}: mean MSE "
