@@ -307,6 +307,18 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train-despeckle and train-register ------------------------------------------------------
+
+def _model_output(path: str) -> Path:
+    """The .pt file a training run will write, checked before any work."""
+    output = Path(path)
+    if output.suffix != ".pt":
+        raise InputError(f"the model file must end with .pt, not {output.name}")
+    if not output.parent.is_dir():
+        raise InputError(f"folder {output.parent} does not exist")
+    return output
+
+
 # --- train-despeckle ------------------------------------------------------------------------
 
 def cmd_train_despeckle(args: argparse.Namespace) -> int:
@@ -321,11 +333,7 @@ def cmd_train_despeckle(args: argparse.Namespace) -> int:
     from us3d.training.despeckle import (TrainingSettings, count_flops, model_card, train_despeckler,
                                          training_metadata, validate, write_log_line)
 
-    output = Path(args.output)
-    if output.suffix != ".pt":
-        raise InputError(f"the model file must end with .pt, not {output.name}")
-    if not output.parent.is_dir():
-        raise InputError(f"folder {output.parent} does not exist")
+    output = _model_output(args.output)
     if args.crop[1] % 16 or args.crop[2] % 16:
         raise InputError("crop j and i must be multiples of 16")
     if args.threads:
@@ -379,11 +387,7 @@ def cmd_train_register(args: argparse.Namespace) -> int:
     from us3d.training import registration as training
     from us3d.training.despeckle import write_log_line
 
-    output = Path(args.output)
-    if output.suffix != ".pt":
-        raise InputError(f"the model file must end with .pt, not {output.name}")
-    if not output.parent.is_dir():
-        raise InputError(f"folder {output.parent} does not exist")
+    output = _model_output(args.output)
     if args.frames < 2:
         raise InputError("--frames must be at least 2 (an exhale frame and a frame to register to it)")
     if args.threads:

@@ -43,7 +43,7 @@ class PairResult:
     smpi: float | None  # SMPI of the pre-processing on the fixed volume (None without)
     folding: float
     seconds: float
-    endpoint_error: tuple[float, float] | None = None  # (mean, p95) mm, when a true field is given (see below)
+    endpoint_error: tuple[float, float] | None = None  # (mean, p95) mm, when a true field is given (see above)
     resampled: bool = False  # the moving volume was on another grid and was resampled
 
 
@@ -92,7 +92,7 @@ def registrar(method: str = "voxelmorph", preprocessing: str = "none", device: s
               model: str | None = None) -> Registrar:
     """A function (fixed, moving on the fixed grid, cancel) -> field for `method`, ready to be called
     for many pairs (VoxelMorph's model is loaded once). `model`: a VoxelMorph model name or file;
-    by default the bundled one trained with this pre-processing."""
+    by default the bundled one (trained on all three pre-processings)."""
     if method not in METHODS:
         raise InputError(f"registration method must be one of {', '.join(METHODS)}, not {method!r}")
     preprocess_settings(preprocessing)  # checks the name
@@ -172,17 +172,15 @@ def register_sequence(sequence: VolumeSequence, reference_frame: int = 0, method
         raise InputError(f"{len(truths)} true fields for {len(sequence)} frames")
     register = registrar(method, preprocessing, device)
     settings = preprocess_settings(preprocessing)
-    prepared = sequence if settings is None else despeckle(sequence, settings, device, cancel=cancel).output
+    prepared = (sequence.with_frames(sequence.frames.astype(np.float32)) if settings is None
+                else despeckle(sequence, settings, device, cancel=cancel).output)
     moving, moving_in = sequence.frame_image(reference_frame), prepared.frame_image(reference_frame)
-    if settings is None:
-        moving_in = sitk.Cast(moving, sitk.sitkFloat32)
     results = []
     for t in range(len(sequence)):
         if cancel is not None and cancel():
             raise Cancelled()
         fixed = sequence.frame_image(t)
-        fixed_in = sitk.Cast(fixed, sitk.sitkFloat32) if settings is None else prepared.frame_image(t)
-        results.append(_register_prepared(fixed, fixed_in, moving, moving_in, settings is not None, register,
+        results.append(_register_prepared(fixed, prepared.frame_image(t), moving, moving_in, settings is not None, register,
                                           time.perf_counter(), None if truths is None else truths[t], None, cancel))
         if progress is not None:
             progress(t + 1, len(sequence))

@@ -12,6 +12,7 @@ upsampled to the input grid.
 
 from __future__ import annotations
 
+import warnings
 from typing import List
 
 import numpy as np
@@ -227,7 +228,6 @@ def register_voxelmorph(fixed: sitk.Image, moving: sitk.Image, module: torch.nn.
         except torch.cuda.OutOfMemoryError:
             if device.type != "cuda":
                 raise
-            import warnings
             warnings.warn("CUDA out of memory: registering on the CPU instead")
             displacement = module.to("cpu")(fixed_tensor, moving_tensor)
     return displacement_to_field(displacement[0].float().cpu().numpy(), fixed)
