@@ -89,3 +89,64 @@ def test_abdominal_wall_slides_instead_of_following_the_liver(sequence):
     wall = np.abs(field[..., 0][labels == LABELS["abdominal_wall"]])
     liver = np.abs(field[..., 0][labels == LABELS["parenchyma"]])
     assert np.median(wall) < 0.2 * np.median(liver)
+
+
+def _warp_correlation(phantom, t):
+    """(correlation of frame t with frame 0 resampled by frame t's true field, without it), inner region."""
+    def image(array):
+        result = sitk.GetImageFromArray(array.astype(np.float32))
+        result.SetSpacing(phantom.spacing)
+        return result
+
+    transform = sitk.DisplacementFieldTransform(displacement_image(phantom, t))
+    warped = sitk.GetArrayFromImage(sitk.Resample(image(phantom.bmode[0]), image(phantom.bmode[t]), transform,
+                                                  sitk.sitkLinear, 0.0))
+    inner = (slice(4, -4), slice(24, -24), slice(24, -24))
+    return (np.corrcoef(warped[inner].ravel(), phantom.bmode[t][inner].ravel())[0, 1],
+            np.corrcoef(phantom.bmode[0][inner].ravel(), phantom.bmode[t][inner].ravel())[0, 1])
+
+
+def test_varied_conditions_keep_the_truth_exact_in_both_orientations():
+    """Varied imaging and breathing, depth along j or i: the true field still maps frame 0 onto frame t."""
+    from us3d.phantom.varied import simulate_conditions
+
+    orientations = set()
+    for seed in (9600, 9601, 9602, 9603):
+        phantom = simulate_conditions("varied", 3, seed)
+        orientations.add(phantom.depth_axis)
+        wall = phantom.labels[0] == LABELS["abdominal_wall"]
+        # the wall lies at the top of the depth axis
+        axis = 1 if phantom.depth_axis == "j" else 2
+        assert np.nonzero(wall)[axis].mean() < 0.3 * wall.shape[axis]
+        with_truth, without = _warp_correlation(phantom, 2)
+        assert with_truth > 0.6 and with_truth > without + 0.4
+    assert orientations == {"i", "j"}
+
+
+def test_sector_geometry_attenuation_and_gain():
+    from us3d.phantom import ImagingSetup
+
+    sector = simulate_volume(1, ImagingSetup(sector_deg=60.0))
+    mask = ImagingSetup(sector_deg=60.0).sector_mask().numpy()
+    assert not mask[0, 0] and mask[0, 64] and mask[-1, 64]  # the top corners lie outside the fan
+    assert (sector.bmode[0][:, ~mask] == 0).all() and (sector.echogenicity[0][:, ~mask] == 0).all()
+    # attenuation without TGC darkens the deep parenchyma; full TGC gives the level back
+    dark = simulate_volume(1, ImagingSetup(attenuation_db_cm_mhz=0.5, tgc=0.0))
+    compensated = simulate_volume(1, ImagingSetup(attenuation_db_cm_mhz=0.5, tgc=1.0))
+    plain = simulate_volume(1)
+    deep = (plain.labels[0] == LABELS["parenchyma"]) & (np.arange(128)[None, :, None] > 80)
+    assert dark.echogenicity[0][deep].mean() < plain.echogenicity[0][deep].mean() - 20
+    assert abs(compensated.echogenicity[0][deep].mean() - plain.echogenicity[0][deep].mean()) < 1.0
+
+
+def test_a_wall_that_follows_and_one_that_slides():
+    from us3d.phantom import BreathingSettings
+
+    follows = simulate_sequence(4, 2, breathing=BreathingSettings(sliding=False))
+    slides = simulate_sequence(4, 2, breathing=BreathingSettings(amplitude=16.0))
+    for phantom, ratio in ((follows, 0.5), (slides, 0.2)):
+        labels, field = phantom.labels[3], phantom.displacement[3]
+        wall = np.median(np.abs(field[..., 0][labels == LABELS["abdominal_wall"]]))
+        liver = np.median(np.abs(field[..., 0][labels == LABELS["parenchyma"]]))
+        assert (wall > ratio * liver) if phantom is follows else (wall < ratio * liver)
+    assert 14.0 < np.abs(slides.displacement[..., 0]).max() <= 16.0 * 1.3

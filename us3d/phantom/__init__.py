@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from us3d.phantom.anatomy import LABELS, LiverAnatomy
-from us3d.phantom.motion import BreathingMotion
+from us3d.phantom.motion import BreathingMotion, BreathingSettings
 from us3d.phantom.speckle import ImagingSetup, expected_bmode, form_envelope, log_compress
 
-__all__ = ["LABELS", "ImagingSetup", "PhantomSequence", "simulate_sequence", "simulate_volume"]
+__all__ = ["LABELS", "BreathingSettings", "ImagingSetup", "PhantomSequence", "simulate_sequence", "simulate_volume"]
 
 
 @dataclasses.dataclass
@@ -31,6 +31,7 @@ class PhantomSequence:
     displacement: np.ndarray  # float32 backward field: frame t voxel x came from x + d in frame 0
     setup: ImagingSetup
     frame_interval: float = 1.0 / 6.0  # s (the paper's sequences were 6 Hz)
+    depth_axis: str = "j"  # the in-plane array axis along depth ("i" after `varied.transposed`)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -38,14 +39,18 @@ class PhantomSequence:
 
 
 def simulate_sequence(n_frames: int = 8, seed: int = 0, setup: ImagingSetup | None = None,
-                      max_motion_mm: float = 12.0,
+                      breathing: BreathingSettings | None = None,
                       progress: Callable[[int, int], None] | None = None) -> PhantomSequence:
-    """Simulate a 4D respiratory liver sequence; frame 0 is the exhale (reference) frame."""
+    """Simulate a 4D respiratory liver sequence; frame 0 is the exhale (reference) frame.
+
+    `setup` (probe, grid, speckle, gain) and `breathing` default to the project's standard
+    configuration; `us3d.phantom.varied` draws both from wide ranges.
+    """
     if n_frames < 1:
         raise ValueError("n_frames must be >= 1")
     setup = setup or ImagingSetup()
     anatomy = LiverAnatomy(setup.extent, seed)
-    motion = BreathingMotion(setup.extent, anatomy.wall_depth, seed, max_motion_mm)
+    motion = BreathingMotion(setup.extent, anatomy.wall_depth, seed, breathing or BreathingSettings())
     generator = torch.Generator().manual_seed(seed)
 
     # Scatterers fixed to the tissue, over the field of view plus what can move into it.
@@ -61,6 +66,7 @@ def simulate_sequence(n_frames: int = 8, seed: int = 0, setup: ImagingSetup | No
     reflectivity, _ = anatomy.evaluate(reference)
     amplitudes = signs * torch.sqrt(10 ** (reflectivity / 10))
 
+    sector = setup.sector_mask()
     shape = (n_frames,) + setup.shape
     out = PhantomSequence(np.empty(shape, np.uint8), np.empty(shape, np.float32), np.empty(shape, np.uint8),
                           np.empty(shape, np.float32), np.empty(shape + (3,), np.float32), setup)
@@ -74,6 +80,9 @@ def simulate_sequence(n_frames: int = 8, seed: int = 0, setup: ImagingSetup | No
         out.echogenicity[t] = expected_bmode(setup, tissue_db).numpy()
         out.labels[t] = labels.numpy()
         out.displacement[t] = displacement.numpy()
+        if sector is not None:  # nothing is imaged outside the sector
+            for array in (out.bmode, out.echogenicity, out.labels, out.envelope):
+                array[t][:, ~sector.numpy()] = 0
         if progress is not None:
             progress(t + 1, n_frames)
     return out

@@ -6,8 +6,10 @@ voxel grid, is the registration ground truth (fixed = frame t, moving = frame 0:
 moving volume is moving(x + v_t(x))). Scatterers are moved forward by inverting x + v_t(x) = X by
 fixed-point iteration, so speckle decorrelates between frames as tissue moves (Lagrangian).
 
-Superior-inferior motion runs along x (lateral image axis), anterior-posterior along y (depth),
-left-right along z (elevation). The abdominal wall slides: it does not follow the liver in x.
+Superior-inferior (SI) motion runs in the (x, z) plane, along x (the lateral image axis) unless
+`direction_deg` turns it toward z (elevation); left-right (LR) is perpendicular to it in that
+plane; anterior-posterior (AP) runs along y (depth). With `sliding`, the abdominal wall does not
+follow the liver's SI and LR motion (it slides over the liver capsule); it moves with AP.
 """
 
 from __future__ import annotations
@@ -19,39 +21,91 @@ import numpy as np
 import torch
 
 
+@dataclasses.dataclass(frozen=True)
+class BreathingSettings:
+    """What a breathing pattern may be told; every setting left at None is drawn from the seed.
+
+    The defaults give the project's standard breathing: SI peak 6-12 mm along x, sliding wall.
+
+    Parameters
+    ----------
+    max_amplitude : mm; the SI peak is drawn in [0.5, 1] x this when `amplitude` is None.
+    amplitude : SI peak displacement at full inhale, mm.
+    direction_deg : SI direction in the (x, z) plane, degrees from x toward z.
+    sliding : the wall slides over the liver (True) or moves with it (False).
+    wall_follow : fraction of the liver's SI/LR motion that a sliding wall still makes (0: none).
+    depth_gain : relative increase of the SI/LR amplitude from top to bottom of the field of view.
+    period : frames per breathing cycle (drawn in 7-9).
+    """
+
+    max_amplitude: float = 12.0
+    amplitude: float | None = None
+    direction_deg: float = 0.0
+    sliding: bool = True
+    wall_follow: float = 0.0
+    depth_gain: float | None = None
+    period: float | None = None
+
+
 @dataclasses.dataclass
 class BreathingMotion:
-    """A randomised breathing pattern for a field of view `extent` (x, y, z) in mm."""
+    """A randomised breathing pattern for a field of view `extent` (x, y, z) in mm.
+
+    `wall_depth`: depth of the abdominal wall's base (the sliding interface), mm; `seed` draws what
+    `settings` leaves unset.
+    """
 
     extent: tuple[float, float, float]
     wall_depth: float
     seed: int = 0
-    max_amplitude: float = 12.0  # mm, superior-inferior peak
+    settings: BreathingSettings = BreathingSettings()
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed + 7919)
-        self.amplitude_si = rng.uniform(0.5, 1.0) * self.max_amplitude
+        settings = self.settings
+        drawn = rng.uniform(0.5, 1.0) * settings.max_amplitude
+        self.amplitude_si = drawn if settings.amplitude is None else float(settings.amplitude)
         self.amplitude_ap = rng.uniform(0.15, 0.3) * self.amplitude_si
         self.amplitude_lr = rng.uniform(0.0, 0.1) * self.amplitude_si
-        self.period = rng.uniform(7.0, 9.0)  # frames per breathing cycle
+        drawn_period = rng.uniform(7.0, 9.0)  # frames per breathing cycle
+        self.breathing_period = drawn_period if settings.period is None else float(settings.period)
         self.wave_phase = rng.uniform(0, 2 * math.pi)
-        self.depth_gain = rng.uniform(0.1, 0.4)
+        drawn_gain = rng.uniform(0.1, 0.4)
+        self.gain_slope = drawn_gain if settings.depth_gain is None else float(settings.depth_gain)
+        angle = math.radians(settings.direction_deg)
+        self.si_direction = (math.cos(angle), math.sin(angle))  # (x, z)
 
     def breathing(self, frame: int) -> float:
         """Breathing state in [0, 1]: 0 at exhale (frame 0), 1 at full inhale."""
-        return math.sin(math.pi * frame / self.period) ** 2
+        return math.sin(math.pi * frame / self.breathing_period) ** 2
 
     def _gain(self, y: torch.Tensor) -> torch.Tensor:
-        return (1.0 - self.depth_gain / 2) + self.depth_gain * y / self.extent[1]
+        return (1.0 - self.gain_slope / 2) + self.gain_slope * y / self.extent[1]
 
     def _liver(self, y: torch.Tensor) -> torch.Tensor:
-        """1 in the liver, 0 in the abdominal wall, a 0.4 mm smooth step between (sliding)."""
-        return torch.sigmoid((y - self.wall_depth) / 0.4)
+        """How much of the liver's SI/LR motion tissue at depth y makes: 1 in the liver; in a sliding
+        wall `wall_follow`, with a 0.4 mm smooth step between."""
+        if not self.settings.sliding:
+            return torch.ones_like(y)
+        follow = self.settings.wall_follow
+        step = torch.sigmoid((y - self.wall_depth) / 0.4)
+        return follow + (1.0 - follow) * step if follow else step
 
-    def _si(self, x: torch.Tensor, depth_factor: torch.Tensor, b: float) -> torch.Tensor:
-        """SI displacement; depth_factor = gain(y) * liver(y)."""
-        lateral = 1.0 + 0.08 * torch.sin(x * (2 * math.pi / (1.5 * self.extent[0])) + self.wave_phase)
+    def _si(self, along: torch.Tensor, depth_factor: torch.Tensor, b: float) -> torch.Tensor:
+        """SI displacement (mm, along the SI direction); `along` the coordinate along it; depth_factor =
+        gain(y) * liver(y)."""
+        lateral = 1.0 + 0.08 * torch.sin(along * (2 * math.pi / (1.5 * self.extent[0])) + self.wave_phase)
         return (-b * self.amplitude_si) * depth_factor * lateral
+
+    def _in_plane(self, x: torch.Tensor, z: torch.Tensor, depth_factor: torch.Tensor,
+                  b: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, z) displacement components: SI along the SI direction, LR across it."""
+        cos, sin = self.si_direction
+        si = self._si(x * cos + z * sin if sin else x, depth_factor, b)
+        lr = -b * self.amplitude_lr * depth_factor
+        if not sin:
+            return si, lr
+        return si * cos - lr * sin, si * sin + lr * cos
 
     def backward(self, points: torch.Tensor, frame: int) -> torch.Tensor:
         """v_t at points (..., 3) in mm of frame t: displacement to the reference position (mm)."""
@@ -60,18 +114,18 @@ class BreathingMotion:
     def _backward(self, points: torch.Tensor, b: float) -> torch.Tensor:
         if b == 0.0:
             return torch.zeros_like(points)
-        x, y = points[..., 0], points[..., 1]
+        x, y, z = points.unbind(-1)
         depth_factor = self._gain(y) * self._liver(y)
-        # AP is linear in depth and the wall moves with it; LR and SI follow the liver only.
+        # AP is linear in depth and the wall moves with it; SI and LR follow the liver.
         ap = -b * self.amplitude_ap * (1.0 - 0.3 * y / self.extent[1])
-        lr = -b * self.amplitude_lr * depth_factor
-        return torch.stack([self._si(x, depth_factor, b), ap, lr], dim=-1)
+        dx, dz = self._in_plane(x, z, depth_factor, b)
+        return torch.stack([dx, ap, dz], dim=-1)
 
     def forward(self, reference_points: torch.Tensor, frame: int, iterations: int = 6) -> torch.Tensor:
         """Position in frame t of tissue at reference points X: solves x + v_t(x) = X.
 
-        Depth and elevation are solved exactly; x by fixed-point iteration (|dv_x/dx| < 0.1,
-        so the error after 6 iterations is below 1e-5 mm).
+        Depth is solved exactly; x and z by fixed-point iteration (their displacement varies with x
+        and z by less than 0.1 mm per mm, so the error after 6 iterations is below 1e-5 mm).
         """
         b = self.breathing(frame)
         if b == 0.0:
@@ -80,13 +134,12 @@ class BreathingMotion:
         slope = 0.3 * b * self.amplitude_ap / self.extent[1]
         y = (big_y + b * self.amplitude_ap) / (1.0 + slope)
         depth_factor = self._gain(y) * self._liver(y)
-        z = big_z + (b * self.amplitude_lr) * depth_factor
-        x = big_x
+        x, z = big_x, big_z
         for _ in range(iterations):
-            x = big_x - self._si(x, depth_factor, b)
+            dx, dz = self._in_plane(x, z, depth_factor, b)
+            x, z = big_x - dx, big_z - dz
         return torch.stack([x, y, z], dim=-1)
 
     def max_displacement(self, grid: torch.Tensor) -> torch.Tensor:
         """Largest |v| per axis (x, y, z) over the grid points (..., 3) and all frames (mm)."""
         return self._backward(grid, 1.0).abs().reshape(-1, 3).max(dim=0).values
-

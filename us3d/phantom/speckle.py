@@ -32,6 +32,9 @@ class ImagingSetup:
     dynamic_range_db: float = 50.0
     parenchyma_db: float = 30.0  # where parenchyma's mean power sits above the display floor
     noise_db: float = -35.0  # electronic noise power relative to parenchyma
+    attenuation_db_cm_mhz: float = 0.0  # one-way tissue attenuation (liver: about 0.5)
+    tgc: float = 1.0  # fraction of the attenuation that time-gain compensation gives back
+    sector_deg: float = 0.0  # 0: linear array; else a sector scan of this opening angle (zero outside)
 
     @property
     def extent(self) -> tuple[float, float, float]:
@@ -52,6 +55,26 @@ class ImagingSetup:
         sigma_t = 1.0 / (2 * math.pi * sigma_f)
         axial = self.sound_speed * 1e3 * sigma_t / 2  # mm, two-way
         return (self.lateral_fwhm / fwhm, axial, self.elevation_fwhm / fwhm)
+
+    def depth_gains(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attenuation, TGC) amplitude factors per depth sample j, shape (j, 1): the echo is attenuated
+        on its two-way path; the receiver's gain then restores `tgc` of it, noise included."""
+        depth_cm = torch.arange(self.shape[1], dtype=torch.float32).view(-1, 1) * (self.spacing[1] / 10)
+        loss_db = 2 * self.attenuation_db_cm_mhz * self.frequency_mhz * depth_cm
+        return 10 ** (-loss_db / 20), 10 ** (self.tgc * loss_db / 20)
+
+    def sector_mask(self) -> torch.Tensor | None:
+        """(j, i) bool: the sector's field of view (None for a linear array): a fan from a virtual apex
+        above the top centre, 0.7 of the width wide at the top, cut by an arc at the bottom."""
+        if self.sector_deg <= 0:
+            return None
+        ex, ey, _ = self.extent
+        half = math.radians(self.sector_deg) / 2
+        radius = 0.35 * ex / math.tan(half)  # apex height above the top
+        y = torch.arange(self.shape[1], dtype=torch.float32).view(-1, 1) * self.spacing[1] + radius
+        x = torch.arange(self.shape[2], dtype=torch.float32).view(1, -1) * self.spacing[0] - ex / 2
+        r = torch.sqrt(x ** 2 + y ** 2)
+        return (torch.atan2(x.abs(), y) <= half) & (r <= radius + ey)
 
     def voxel_centres(self) -> torch.Tensor:
         """(k, j, i, 3) grid of voxel positions (x, y, z) in mm."""
@@ -128,8 +151,11 @@ def form_envelope(setup: ImagingSetup, positions: torch.Tensor, amplitudes: torc
     unit_power = setup.scatterer_density * sx * fine_dy * sz * kernel_energy
     noise_sigma = math.sqrt(10 ** (setup.noise_db / 10) / 2)
     noise = torch.randn((2,) + setup.shape, generator=generator) * noise_sigma
-    return torch.sqrt((iq[0] / math.sqrt(unit_power) + noise[0]) ** 2
-                      + (iq[1] / math.sqrt(unit_power) + noise[1]) ** 2)
+    iq = iq / math.sqrt(unit_power)
+    if setup.attenuation_db_cm_mhz > 0:
+        attenuation, gain = setup.depth_gains()
+        return torch.sqrt((iq[0] * attenuation + noise[0]) ** 2 + (iq[1] * attenuation + noise[1]) ** 2) * gain
+    return torch.sqrt((iq[0] + noise[0]) ** 2 + (iq[1] + noise[1]) ** 2)
 
 
 def log_compress(setup: ImagingSetup, envelope: torch.Tensor) -> torch.Tensor:
@@ -145,6 +171,11 @@ def expected_bmode(setup: ImagingSetup, reflectivity_db: torch.Tensor) -> torch.
     """
     power = _separable_blur(10 ** (reflectivity_db / 10), psf_taps(setup, power=True))
     norm = _separable_blur(torch.ones_like(reflectivity_db), psf_taps(setup, power=True))
-    power = power / norm + 10 ** (setup.noise_db / 10)
+    noise_power = 10 ** (setup.noise_db / 10)
+    if setup.attenuation_db_cm_mhz > 0:
+        attenuation, gain = setup.depth_gains()
+        power = (power / norm * attenuation ** 2 + noise_power) * gain ** 2
+    else:
+        power = power / norm + noise_power
     db = 10 * torch.log10(power) + LOG_RAYLEIGH_OFFSET_DB + setup.parenchyma_db
     return (db / setup.dynamic_range_db * 255.0).clamp(0.0, 255.0)
