@@ -29,6 +29,7 @@ if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOUR
     sys.path.append(_SOURCE_ROOT)
 
 from us3d.dependencies import PIP_REQUIREMENTS, missing_packages  # noqa: E402  (no torch import)
+from us3d.options import DEVICES, OBNLM_MODES  # noqa: E402  (no torch import)
 from us3d.resources import bundled_model_names  # noqa: E402
 
 METHODS = ["OBNLM", "U-Net"]
@@ -65,12 +66,12 @@ class USDespeckleParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     allFrames: bool = True
     method: Annotated[str, Choice(METHODS)] = "OBNLM"
-    mode: Annotated[str, Choice(["slicewise", "3d"])] = "slicewise"
+    mode: Annotated[str, Choice(list(OBNLM_MODES))] = "slicewise"
     searchRadius: Annotated[int, WithinRange(1, 15)] = 3
     blockRadius: Annotated[int, WithinRange(1, 5)] = 1
     h: Annotated[float, WithinRange(0.05, 10.0)] = 0.7
     model: Annotated[str, Choice(MODELS)] = MODELS[0]
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
     outputVolume: vtkMRMLScalarVolumeNode
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from us3d.errors import InputError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from us3d.options import DEVICES as DEVICE_CHOICES
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -16,5 +15,5 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise InputError("device 'cuda' was asked for but no CUDA GPU is available; choose the device 'cpu' or 'auto'")
     return torch.device(device)

@@ -23,8 +23,7 @@ from us3d.devices import resolve_device
 from us3d.errors import InputError
 from us3d.filters._obnlm_cpu import obnlm_padded
 from us3d.filters._obnlm_torch import obnlm_padded_torch
-
-OBNLM_MODES = ("slicewise", "3d")
+from us3d.options import OBNLM_MODES
 
 #: Preselection bounds on the ratio of local means (the public kernel's 0.8 < ratio < 1.25).
 RATIO_LOW, RATIO_HIGH = 0.8, 1.25
