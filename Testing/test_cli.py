@@ -223,27 +223,48 @@ def test_register_sequence_with_the_bundled_voxelmorph_against_the_truth(phantom
     assert "mean endpoint error" in out
 
 
+def test_register_sequence_refine_steps_and_methods_against_the_truth(phantom_files, tmp_path):
+    """--refine-steps 0 is the network alone; the default refines it; --method translation refines the FFT
+    translation without the network; each is scored against the phantom's true fields."""
+    import csv
+
+    errors = {}
+    for name, options in (("network", ("--refine-steps", "0")), ("default", ()),
+                          ("translation", ("--method", "translation")),
+                          ("rigid", ("--method", "translation", "--refine-steps", "0"))):
+        code, out, err = run("register-sequence", phantom_files / "liver.seq.nrrd", tmp_path / name, "--truth-dir",
+                             phantom_files, "--device", "cpu", *options)
+        assert code == 0, err
+        rows = list(csv.DictReader(open(tmp_path / name / "metrics.csv")))
+        errors[name] = float(rows[1]["endpoint_error_mean_mm"])
+    assert errors["default"] < errors["network"] < errors["rigid"]
+    assert errors["translation"] < errors["rigid"]
+
+
 def test_register_sequence_bad_input(phantom_files, tmp_path, sample_dir):
     sequence = phantom_files / "liver.seq.nrrd"
-    for args, message in [((sequence, tmp_path / "a", "--reference-frame", "5"), "between 0 and 1"),
-                          ((sequence, tmp_path / "b", "--reference-frame", "1", "--truth-dir", phantom_files),
-                           "--reference-frame 0"),
+    for args, message in [((sequence, tmp_path / "a", "--moving-frame", "5"), "between 0 and 1"),
+                          ((sequence, tmp_path / "b", "--moving-frame", "1", "--truth-dir", phantom_files),
+                           "--moving-frame 0"),
                           ((sequence, tmp_path / "c", "--truth-dir", tmp_path), "not found"),
                           ((sample_dir / "MouseLiverB.mha", tmp_path / "d"), "error:")]:
         code, _, err = run("register-sequence", *args)
         assert code == 2 and message in err, err
         assert not args[1].exists()  # no output folder either
     code, _, err = run("register", sample_dir / "MouseLiverB.mha", sample_dir / "MouseLiverB.mha",
-                       tmp_path / "w.nrrd", "--model", "unet-obnlm")
+                       tmp_path / "w.nrrd", "--registration-model", "unet-obnlm")
     assert code == 2 and "not a registration model" in err and not (tmp_path / "w.nrrd").exists()
+    code, _, err = run("register", sample_dir / "MouseLiverB.mha", sample_dir / "MouseLiverB.mha",
+                       tmp_path / "w.nrrd", "--refine-steps", "-1")
+    assert code == 2 and "must be >= 0" in err and not (tmp_path / "w.nrrd").exists()
 
 
 def test_train_register_writes_a_loadable_model_and_card(tmp_path):
     from us3d.models.bundle import load_model
 
     model = tmp_path / "vm.pt"
-    code, out, err = run("train-register", model, "--sequences", "1", "--frames", "2", "--steps", "2",
-                         "--threads", "2", "--cache", tmp_path / "cache", "--inputs", "none")
+    code, out, err = run("train-register", model, "--standard-sequences", "1", "--varied-sequences", "0", "--frames",
+                         "2", "--steps", "2", "--threads", "2", "--cache", tmp_path / "cache", "--inputs", "none")
     assert code == 0, err
     loaded = load_model(str(model))
     assert loaded.metadata["task"] == "registration" and loaded.metadata["training"]["steps"] == 2

@@ -21,3 +21,20 @@ def test_cancel_after_frame_2_leaves_nothing(scene):
 
 def test_bundled_voxelmorph_tracks_simulated_breathing(scene):
     selftests.scenario_voxelmorph_tracks_simulated_breathing(scene)
+
+
+def test_the_mrml_layer_registers_sequences_through_the_one_us3d_implementation(scene, sequences_logic,
+                                                                                 monkeypatch):
+    """us3dmrml converts nodes; the frame loop is us3d's Registrar.register_sequence, called once."""
+    from us3d.registration.pairs import Registrar
+
+    calls = []
+    original = Registrar.register_sequence
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.settings)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Registrar, "register_sequence", counted)
+    selftests.scenario_registration_sequence(scene, sequences_logic)
+    assert len(calls) == 1 and calls[0].method == "demons"

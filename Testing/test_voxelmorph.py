@@ -1,14 +1,14 @@
 """VoxelMorph building blocks: the spatial transformer agrees with ITK's warp, integration,
-network shapes and the initial field, the loss terms."""
+network shapes and the initial field, the translation, the training loss terms."""
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
 from us3d.registration.fields import warp
 from us3d.registration.synthetic import shifted_blobs
-from us3d.registration.voxelmorph import (SpatialTransformer, VoxelMorph, displacement_to_field, integrate,
-                                          registration_loss, smoothness)
+from us3d.registration.voxelmorph import SpatialTransformer, VoxelMorph, correlation, displacement_to_field
 
 
 def _tensor(image: sitk.Image) -> torch.Tensor:
@@ -26,12 +26,14 @@ def test_spatial_transformer_matches_itk_warp_on_an_oblique_grid():
     np.testing.assert_allclose(ours[inner], theirs[inner], atol=1e-3 * float(theirs.max()))
 
 
-def test_integration_of_a_constant_velocity_is_that_displacement():
-    velocity = torch.zeros(1, 3, 8, 16, 16)
-    velocity[:, 1] = 2.0
-    displacement = integrate(velocity)
-    np.testing.assert_allclose(displacement[:, :, 2:-2, 4:-4, 4:-4].numpy(), velocity[:, :, 2:-2, 4:-4, 4:-4].numpy(),
-                               atol=1e-4)
+def test_correlation_peaks_at_the_true_offset():
+    torch.manual_seed(0)
+    moving = torch.randn(1, 4, 6, 12, 12)
+    fixed = torch.roll(moving, shifts=(1, -2, 1), dims=(2, 3, 4))  # fixed(x) = moving(x - s): offset -s
+    cost = correlation(fixed, moving, [1, 2, 2])  # (1, 3 * 5 * 5, ...), k-major offsets
+    inner = cost[0, :, 2:-2, 3:-3, 3:-3].mean((1, 2, 3))
+    k, j, i = np.unravel_index(int(inner.argmax()), (3, 5, 5))
+    assert (k - 1, j - 2, i - 2) == (-1, 2, -1)
 
 
 def test_network_starts_near_identity_and_keeps_any_shape():
@@ -47,7 +49,8 @@ def test_network_output_does_not_depend_on_the_intensity_scale():
     torch.manual_seed(0)
     model = VoxelMorph()
     with torch.no_grad():
-        model.flow.weight.normal_(std=0.1)  # a field well above rounding
+        for estimator in model.estimators:
+            estimator.flow.weight.normal_(std=0.1)  # a field well above rounding
         fixed, moving = torch.rand(1, 1, 8, 32, 32), torch.rand(1, 1, 8, 32, 32)
         first = model(fixed, moving)
         second = model(3 * fixed + 40, 3 * moving + 40)
@@ -57,12 +60,13 @@ def test_network_output_does_not_depend_on_the_intensity_scale():
 
 def test_scripted_model_round_trip_and_field_geometry(tmp_path):
     from us3d.models.bundle import load_model, save_model
-    from us3d.registration.voxelmorph import register_voxelmorph
+    from us3d.registration.pairs import Registrar, RegistrationSettings
 
     torch.manual_seed(1)
     model = VoxelMorph()
     with torch.no_grad():
-        model.flow.bias.copy_(torch.tensor([0.0, 0.0, 0.25]))  # a constant velocity: 0.5 voxel in i at full size
+        # a constant residual at the finest level (half in-plane resolution): 0.5 voxel in i at full size
+        model.estimators[2].flow.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.25]))
     path = tmp_path / "vm.pt"
     save_model(model, path, {"task": "registration", "preprocessing": "none"})
     loaded = load_model(str(path))
@@ -70,7 +74,8 @@ def test_scripted_model_round_trip_and_field_geometry(tmp_path):
     fixed = shifted_blobs((16, 32, 48))
     fixed.SetSpacing((0.5, 0.3, 0.8))
     fixed.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
-    field = sitk.GetArrayFromImage(register_voxelmorph(fixed, fixed, loaded.module, torch.device("cpu")))
+    registrar = Registrar(RegistrationSettings(model=str(path), refine_steps=0, device="cpu"))
+    field = sitk.GetArrayFromImage(registrar.field(sitk.Cast(fixed, sitk.sitkFloat32), fixed)[0])
     with torch.no_grad():
         expected_voxels = model(_tensor(fixed), _tensor(fixed))[0].numpy()  # (k, j, i) voxels
     # the image's i axis (0.5 mm) points to +y in LPS, its j axis (0.3 mm) to -x
@@ -79,48 +84,64 @@ def test_scripted_model_round_trip_and_field_geometry(tmp_path):
     assert abs(np.median(field[..., 1]) - 0.25) < 0.05
 
 
-def test_registrar_refuses_a_despeckling_model_and_unknown_methods():
-    import pytest
+def test_training_loss_terms():
+    from us3d.training.registration import EveryLevel, RegistrationTrainingSettings, smoothness_mm, training_loss
 
-    from us3d.errors import InputError
-    from us3d.registration.pairs import registrar
-
-    with pytest.raises(InputError, match="not a registration model"):
-        registrar("voxelmorph", "none", "cpu", model="unet-obnlm")
-    with pytest.raises(InputError, match="method must be one of"):
-        registrar("bspline")
-
-
-def test_loss_terms():
+    spacing = torch.tensor([0.8, 0.3, 0.4]).view(1, 3, 1, 1, 1)
     constant = torch.ones(1, 3, 4, 8, 8)
-    assert smoothness(constant) == 0
-    ramp = torch.arange(8.0).expand(1, 3, 4, 8, 8)
-    assert smoothness(ramp) > 0
-    fixed = torch.rand(1, 1, 4, 8, 8)
-    assert registration_loss(fixed, fixed, constant) == 0
-    assert registration_loss(fixed, fixed + 1, constant) == 1
+    assert smoothness_mm(constant, spacing) == 0
+    ramp = torch.arange(8.0).expand(1, 3, 4, 8, 8)  # every component grows 1 voxel per voxel along i (0.4 mm)
+    per_component = [(0.8 / 0.4) ** 2, (0.3 / 0.4) ** 2, 1.0]  # (mm/mm)^2 of the k, j, i components
+    assert float(smoothness_mm(ramp, spacing)) == pytest.approx(np.mean(per_component) / 3, rel=1e-5)
+    model = EveryLevel(VoxelMorph())  # starts at the FFT translation, which is 0 for identical volumes
+    fixed = torch.rand(1, 1, 8, 32, 32)
+    settings = RegistrationTrainingSettings()
+    zero = training_loss(model, fixed, fixed, torch.zeros(1, 3, 8, 32, 32), spacing, settings)
+    assert float(zero["endpoint"].detach()) == pytest.approx(0.1, abs=1e-3)  # Charbonnier floor sqrt(0.01)
+    assert float(zero["mse"].detach()) < 1e-3  # a fresh network moves nothing (independent volumes: about 2)
+    truth = torch.zeros(1, 3, 8, 32, 32)
+    truth[:, 2] = 5.0  # 5 voxels of 0.4 mm along i: 2 mm
+    moved = training_loss(model, fixed, fixed, truth, spacing, settings)
+    assert float(moved["endpoint"].detach()) == pytest.approx((2.0 ** 2 + 0.01) ** 0.5, abs=0.01)
 
 
-def test_translation_finds_a_known_shift():
+def test_translation_finds_known_shifts_up_to_40_percent_of_the_field_of_view():
     from us3d.registration.voxelmorph import translation
 
+    volume = _tensor(shifted_blobs((16, 48, 64), shift_mm=(0.0, 0.0, 0.0)))
+    for shift_mm in ((3.6, -1.5, 0.8), (-10.0, 1.2, 0.0)):  # the second is 25 of 64 voxels along i
+        moved = _tensor(shifted_blobs((16, 48, 64), shift_mm=shift_mm))  # moved(x) = volume(x - s)
+        found = translation(volume, moved)[0].numpy()  # moved(x + s') matches volume(x): s' = s
+        expected = np.array(shift_mm)[::-1] / np.array([0.8, 0.3, 0.4])  # (k, j, i) voxels
+        np.testing.assert_allclose(found, expected, atol=0.5)
+
+
+def test_translation_ignores_a_static_sector_mask_and_a_depth_trend():
+    """Zero outside a fan and a brightness trend with depth do not move with the tissue: the shift is
+    still the tissue's."""
+    from us3d.registration.voxelmorph import translation
+
+    j = torch.arange(48.0).view(1, 1, 1, 48, 1)
+    i = torch.arange(64.0).view(1, 1, 1, 1, 64)
+    fan = ((i - 32).abs() < 8 + 0.6 * j).float()
+    trend = 200.0 * (1 - j / 48)
     volume = _tensor(shifted_blobs((16, 48, 64)))
-    moved = torch.roll(volume, shifts=(2, -5, 9), dims=(2, 3, 4))  # moved(x) = volume(x - s)
-    shift = translation(volume, moved)[0]  # moved(x + s') matches volume(x): s' = s
-    np.testing.assert_allclose(shift.numpy(), [2, -5, 9], atol=0.25)
+    moved = _tensor(shifted_blobs((16, 48, 64), shift_mm=(-6.0, 0.0, 0.0)))
+    found = translation((volume + trend) * fan, (moved + trend) * fan)[0].numpy()
+    np.testing.assert_allclose(found, [0.0, 0.0, -15.0], atol=1.5)  # 6 mm found within 0.6 mm, not 0
 
 
 def test_bundled_voxelmorph_recovers_a_known_shift_of_a_phantom_volume():
     from us3d.phantom import simulate_volume
     from us3d.registration.fields import field_array
-    from us3d.registration.pairs import register_pair
+    from us3d.registration.pairs import RegistrationSettings, register_pair
 
     bmode = simulate_volume(9150).bmode[0]
     fixed = sitk.GetImageFromArray(bmode[:, :, 10:-10].astype(np.float32))
     fixed.SetSpacing((0.4, 0.3, 0.8))
     moving = sitk.GetImageFromArray(bmode[:, :, 5:-15].astype(np.float32))  # fixed(x) = moving(x + 5 voxels in i)
     moving.SetSpacing((0.4, 0.3, 0.8))
-    result = register_pair(fixed, moving, "voxelmorph", "none", "cpu")
+    result = register_pair(fixed, moving, RegistrationSettings(device="cpu"))
     inner = field_array(result.field)[4:-4, 8:-8, 8:-8].reshape(-1, 3)
     np.testing.assert_allclose(np.median(inner, axis=0), [2.0, 0.0, 0.0], atol=0.3)
     assert result.mse_after < 0.5 * result.mse_before and result.folding < 1e-3

@@ -17,7 +17,7 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -27,9 +27,8 @@ if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOUR
     sys.path.append(_SOURCE_ROOT)
 
 from us3d.dependencies import missing_packages  # noqa: E402  (no torch import)
-
-#: Registration methods shown in the panel: the bundled VoxelMorph model and demons.
-METHODS = ["voxelmorph", "demons"]
+from us3d.options import (DEFAULT_REFINE_STEPS, DEVICES, REGISTRATION_METHODS,  # noqa: E402  (no torch import)
+                          REGISTRATION_PREPROCESSING)
 
 
 class USRegistration(ScriptedLoadableModule):
@@ -43,8 +42,10 @@ class USRegistration(ScriptedLoadableModule):
             "Deformable registration of 3D ultrasound volumes: the moving volume (for a 4D liver sequence, "
             "the exhale frame) is warped onto a fixed volume or onto every frame of a sequence. Speckle can be "
             "reduced first (OBNLM or U-Net). Outputs: warped volume(s) and the displacement as grid transforms. "
-            "Methods: VoxelMorph (the bundled model, trained on original, OBNLM and U-Net inputs; well under a "
-            "second per frame) or multi-resolution demons (SimpleITK; seconds per frame).")
+            "Methods: VoxelMorph (the bundled network, then a short per-pair refinement; well under a second "
+            "per frame), the refinement from an FFT translation without the network, or multi-resolution demons "
+            "(SimpleITK; seconds per frame). Advanced: the number of refinement steps (0: the network alone, as "
+            "in the VoxelMorph paper).")
         self.parent.acknowledgementText = _("VoxelMorph: Balakrishnan et al., IEEE TMI 2019. Demons: SimpleITK. "
                                             "OBNLM: Coupe et al., IEEE TIP 2009.")
 
@@ -55,15 +56,17 @@ class USRegistrationParameterNode:
 
     fixedVolume: the fixed volume, or the proxy volume of a sequence browser (allFrames: every frame).
     movingVolume: the volume to warp (for 4D, typically the exhale frame).
-    method, preprocessing, device: see METHODS, none/obnlm/unet, auto/cpu/cuda.
+    method, preprocessing, device: see us3d.options.
+    refineSteps: per-pair refinement steps after the network or translation (0: the network alone).
     """
 
     fixedVolume: vtkMRMLScalarVolumeNode
     allFrames: bool = True
     movingVolume: vtkMRMLScalarVolumeNode
-    method: Annotated[str, Choice(METHODS)] = "voxelmorph"
-    preprocessing: Annotated[str, Choice(["none", "obnlm", "unet"])] = "none"
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    method: Annotated[str, Choice(list(REGISTRATION_METHODS))] = "voxelmorph"
+    preprocessing: Annotated[str, Choice(list(REGISTRATION_PREPROCESSING))] = "none"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    refineSteps: Annotated[int, WithinRange(0, 500)] = DEFAULT_REFINE_STEPS
     warpedVolume: vtkMRMLScalarVolumeNode
 
 
@@ -222,6 +225,14 @@ class USRegistrationLogic(ScriptedLoadableModuleLogic):
                 return _("No CUDA GPU is available; choose auto or cpu")
         return None
 
+    @staticmethod
+    def settings(params):
+        """The us3d RegistrationSettings of the parameter node."""
+        from us3d.registration.pairs import RegistrationSettings
+
+        return RegistrationSettings(method=params.method, preprocessing=params.preprocessing,
+                                    refine_steps=int(params.refineSteps), device=params.device)
+
     def process(self, params, progress=None, cancel=None):
         """Register into new nodes; returns the run, or None if cancelled."""
         from us3d.errors import Cancelled
@@ -230,15 +241,14 @@ class USRegistrationLogic(ScriptedLoadableModuleLogic):
 
         scene = slicer.mrmlScene
         sequence, browser = sequence_of_proxy_node(scene, params.fixedVolume)
+        settings = self.settings(params)
         try:
             if sequence is not None and params.allFrames:
-                run = register_sequence_node(scene, sequence, params.movingVolume, params.method, params.preprocessing,
-                                             params.device, progress, cancel, browser_node=browser,
-                                             sequences_logic=slicer.modules.sequences.logic())
+                run = register_sequence_node(scene, sequence, params.movingVolume, settings, progress, cancel,
+                                             browser_node=browser, sequences_logic=slicer.modules.sequences.logic())
                 params.warpedVolume = browser.GetProxyNode(run.warped_node)
             else:
-                run = register_volume_nodes(scene, params.fixedVolume, params.movingVolume, params.method,
-                                            params.preprocessing, params.device, cancel)
+                run = register_volume_nodes(scene, params.fixedVolume, params.movingVolume, settings, cancel)
                 params.warpedVolume = run.warped_node
         except Cancelled:
             return None

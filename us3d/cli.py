@@ -48,6 +48,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -191,15 +201,15 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 def cmd_phantom(args: argparse.Namespace) -> int:
     from us3d.io import check_output_path, is_sequence_path
-    from us3d.phantom import simulate_sequence
     from us3d.phantom.export import write_phantom
+    from us3d.phantom.varied import simulate_conditions
 
     output = check_output_path(args.output)
     if args.frames > 1 and not is_sequence_path(output):
         raise InputError(f"{args.frames} frames make a 4D sequence: the output must end with .seq.nrrd")
     if args.truth_dir and not Path(args.truth_dir).is_dir():
         raise InputError(f"truth folder {args.truth_dir} does not exist")
-    phantom = simulate_sequence(args.frames, args.seed, progress=ProgressBar("phantom"))
+    phantom = simulate_conditions(args.conditions, args.frames, args.seed, progress=ProgressBar("phantom"))
     written = write_phantom(phantom, output, args.truth_dir)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
@@ -209,7 +219,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     from us3d.io import atomic_outputs, check_output_path, read_volume, write_volume
-    from us3d.registration.pairs import register_pair, registrar
+    from us3d.registration.pairs import Registrar
 
     warped_path = check_output_path(args.warped, args.fixed, args.moving)
     outputs = [warped_path]
@@ -217,9 +227,9 @@ def cmd_register(args: argparse.Namespace) -> int:
         outputs.append(check_output_path(args.field, args.fixed, args.moving))
         if outputs[1] == warped_path:
             raise InputError("--field must name another file than the warped output")
+    registrar = Registrar(_registration_settings(args))
     fixed, moving = read_volume(args.fixed), read_volume(args.moving)
-    result = register_pair(fixed, moving, args.method, args.despeckle, args.device,
-                           register=registrar(args.method, args.despeckle, args.device, args.model))
+    result = registrar.register_pair(fixed, moving)
     with atomic_outputs(outputs) as temporaries:
         write_volume(result.warped, temporaries[0])
         if args.field:
@@ -246,7 +256,7 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
 
     from us3d.io import atomic_outputs, read_sequence, write_any
     from us3d.registration.fields import read_field
-    from us3d.registration.pairs import register_sequence
+    from us3d.registration.pairs import Registrar
 
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
@@ -255,12 +265,12 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
         raise InputError(f"folder {outdir.parent} does not exist")
     sequence = read_sequence(args.sequence)
     count = len(sequence)
-    if not 0 <= args.reference_frame < count:
-        raise InputError(f"--reference-frame must be between 0 and {count - 1} for this {count}-frame sequence")
+    if not 0 <= args.moving_frame < count:
+        raise InputError(f"--moving-frame must be between 0 and {count - 1} for this {count}-frame sequence")
     truths = None
     if args.truth_dir:
-        if args.reference_frame != 0:
-            raise InputError("the phantom's true fields map frame 0 to each frame: use --reference-frame 0 "
+        if args.moving_frame != 0:
+            raise InputError("the phantom's true fields map frame 0 to each frame: use --moving-frame 0 "
                              "with --truth-dir")
         truth_paths = [Path(args.truth_dir) / f"displacement_{t:03d}.mha" for t in range(count)]
         missing = [str(p) for p in truth_paths if not p.is_file()]
@@ -271,8 +281,8 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
     outputs.append(outdir / "metrics.csv")
     if Path(args.sequence).resolve() in {path.resolve() for path in outputs}:
         raise InputError(f"{args.sequence} would be overwritten by an output; choose another folder")
-    results = register_sequence(sequence, args.reference_frame, args.method, args.despeckle, args.device, truths,
-                                progress=ProgressBar("register"))
+    registrar = Registrar(_registration_settings(args))
+    results = registrar.register_sequence(sequence, args.moving_frame, truths, progress=ProgressBar("register"))
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(METRIC_COLUMNS)
@@ -296,8 +306,8 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
             outdir.rmdir()
         raise
     print(table.getvalue(), end="")
-    others = [r for t, r in enumerate(results) if t != args.reference_frame] or results
-    summary = (f"frame {args.reference_frame} registered to {count} frames with {args.method}: mean MSE "
+    others = [r for t, r in enumerate(results) if t != args.moving_frame] or results
+    summary = (f"frame {args.moving_frame} registered to {count} frames with {args.method}: mean MSE "
                f"{np.mean([r.mse_before for r in others]):.5f} -> {np.mean([r.mse_after for r in others]):.5f}, "
                f"{np.median([r.seconds for r in results]):.2f} s per pair")
     if truths is not None:
@@ -382,49 +392,27 @@ def cmd_train_register(args: argparse.Namespace) -> int:
 
     import torch
 
-    from us3d.devices import resolve_device
-    from us3d.models.bundle import MODELS_DIR, save_model, update_manifest, weights_sha256
     from us3d.training import registration as training
-    from us3d.training.despeckle import write_log_line
 
     output = _model_output(args.output)
     if args.frames < 2:
         raise InputError("--frames must be at least 2 (an exhale frame and a frame to register to it)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    cache = Path(args.cache) if args.cache else None
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    seeds = list(range(training.TRAINING_SEED_START, training.TRAINING_SEED_START + args.sequences))
-    inputs = list(dict.fromkeys(args.inputs))
-    groups = [training.motion_sequences(seeds, args.frames, pre, cache) for pre in inputs]
     settings = training.RegistrationTrainingSettings(args.steps, args.batch_size, args.lr, args.smoothness,
-                                                     args.truth_weight, args.seed)
-    log_path = output.with_suffix(".log.jsonl")
-    if rank0 and log_path.exists():
-        log_path.unlink()
+                                                     args.truth_weight, args.image_weight, args.seed)
+    conditions = {"standard": training.TRAINING["standard"][:args.standard_sequences],
+                  "varied": training.TRAINING["varied"][:args.varied_sequences]}
     start = time.perf_counter()
-    model = training.train_registration(groups, settings, device, write_log_line(log_path) if rank0 else None)
-    wall = time.perf_counter() - start
-    if not rank0:
-        return 0
-    data = {"sequences": args.sequences, "frames": args.frames, "seeds": f"{seeds[0]}-{seeds[-1]}"}
-    metadata = training.training_metadata(inputs, settings, data, wall, device.type, groups[0][0].spacing)
-    model = model.cpu()
-    metadata["parameters"] = sum(p.numel() for p in model.parameters())
-    validation = training.validate(model, {pre: training.motion_sequences(training.VALIDATION_SEEDS, args.frames,
-                                                                          pre, cache) for pre in inputs})
-    metadata["validation"] = validation
-    digest = save_model(model, output, metadata)
-    name = output.stem
-    output.with_suffix(".md").write_text(training.model_card(name, dict(metadata, weights_sha256=weights_sha256(model)),
-                                                             validation))
-    if output.resolve().parent == MODELS_DIR.resolve():
-        update_manifest(name, output.name, digest, "+".join(inputs), task="registration")
+    validation = training.train_registration_model(output, settings, tuple(args.inputs), args.frames, args.device,
+                                                   args.cache, {k: v for k, v in conditions.items() if v})
     for row in validation:
-        print(f"{row['preprocessing']}, {row['sequence']}: mean endpoint error {row['endpoint_error_mm']:.3f} mm, "
+        print(f"{row['preprocessing']}, {row['sequence']}: mean endpoint error {row['endpoint_error_mm']:.3f} mm "
+              f"(rigid step alone {row['rigid_endpoint_error_mm']:.3f}), "
               f"MSE {row['mse_before']:.4f} -> {row['mse_after']:.4f}")
-    print(f"wrote {output}, {output.with_suffix('.md')}, {log_path} ({wall / 60:.1f} min)")
+    if validation:
+        print(f"wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.log.jsonl')} "
+              f"({(time.perf_counter() - start) / 60:.1f} min)")
     return 0
 
 
@@ -439,19 +427,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _registration_options(p: argparse.ArgumentParser) -> None:
-    from us3d.devices import DEVICE_CHOICES
+    from us3d.options import DEFAULT_REFINE_STEPS, DEVICES, REGISTRATION_METHODS, REGISTRATION_PREPROCESSING
 
-    p.add_argument("--method", choices=("voxelmorph", "demons"), default="voxelmorph",
-                   help="voxelmorph: the bundled VoxelMorph model (fast); demons: multi-resolution SimpleITK demons "
-                        "(default voxelmorph)")
-    p.add_argument("--despeckle", choices=("none", "obnlm", "unet"), default="none",
-                   help="despeckle the volumes before registering (default none)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="compute device (default auto)")
+    p.add_argument("--method", choices=REGISTRATION_METHODS, default="voxelmorph",
+                   help="voxelmorph: the bundled VoxelMorph network, then per-pair refinement; translation: an "
+                        "FFT translation, then the same refinement (no network); demons: multi-resolution "
+                        "SimpleITK demons (default voxelmorph)")
+    p.add_argument("--refine-steps", type=_non_negative_int, default=DEFAULT_REFINE_STEPS,
+                   help="Adam steps of per-pair refinement after the network or translation; 0 gives the pure "
+                        f"network, as in the paper (default {DEFAULT_REFINE_STEPS})")
+    p.add_argument("--preprocessing", "--despeckle", dest="preprocessing", choices=REGISTRATION_PREPROCESSING,
+                   default="none", help="pre-process both volumes before registering: gaussian (sigma 1 voxel), "
+                                        "OBNLM or the U-Net of --unet-model (default none)")
+    p.add_argument("--unet-model", default="unet-obnlm",
+                   help="U-Net model name or .pt file for --preprocessing unet (default unet-obnlm)")
+    p.add_argument("--registration-model", help="VoxelMorph model name or .pt file (default: the bundled "
+                                                "voxelmorph)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default auto)")
+
+
+def _registration_settings(args: argparse.Namespace):
+    from us3d.registration.pairs import RegistrationSettings
+
+    if args.method != "voxelmorph" and args.registration_model:
+        raise InputError(f"--registration-model is a VoxelMorph model; it does not apply to --method {args.method}")
+    return RegistrationSettings(method=args.method, preprocessing=args.preprocessing, refine_steps=args.refine_steps,
+                                device=args.device, model=args.registration_model, unet_model=args.unet_model)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from us3d.devices import DEVICE_CHOICES
-    from us3d.filters import OBNLM_MODES
+    from us3d.options import DEVICES as DEVICE_CHOICES
+    from us3d.options import OBNLM_MODES
+    from us3d.training.registration import TRAINING, RegistrationTrainingSettings
 
     parser = argparse.ArgumentParser(prog="us3d", description="Speckle reduction and analysis of 3D/4D ultrasound.")
     parser.add_argument("--version", action="version", version=f"us3d {__version__}")
@@ -498,6 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output volume, or .seq.nrrd for more than one frame")
     p.add_argument("--frames", type=_positive_int, default=1, help="number of frames (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed: anatomy, motion and speckle (default 0)")
+    p.add_argument("--conditions", choices=("standard", "varied", "sliding"), default="standard",
+                   help="standard: the configuration above; varied: imaging (spacing, frequency, PSF, scatterer "
+                        "density, dynamic range, gain, attenuation, sector) and breathing (5-20 mm, direction, "
+                        "sliding wall or not) drawn from wide ranges, depth along i half of the time; sliding: 16 mm "
+                        "breathing under a wall that does not follow the liver (default standard)")
     p.add_argument("--truth-dir", help="folder for the ground truth: clean echogenicity, labels, "
                                        "displacement fields (mm, ITK displacement field images)")
     p.set_defaults(func=cmd_phantom)
@@ -512,7 +524,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("warped", help="output: the moving volume warped onto the fixed grid")
     p.add_argument("--field", help="output: displacement field (.mha, .nrrd or .nii.gz)")
     _registration_options(p)
-    p.add_argument("--model", help="VoxelMorph model name or .pt file (default: the bundled voxelmorph)")
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("register-sequence", help="register the exhale frame of a 4D sequence to every frame",
@@ -523,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--truth-dir, seconds).")
     p.add_argument("sequence", help="4D sequence (.seq.nrrd)")
     p.add_argument("outdir", help="output folder (created if missing)")
-    p.add_argument("--reference-frame", type=int, default=0, help="the moving (exhale) frame (default 0)")
+    p.add_argument("--moving-frame", "--reference-frame", dest="moving_frame", type=int, default=0,
+                   help="the frame registered to every frame: the exhale frame, the paper's 'reference' (default 0)")
     p.add_argument("--truth-dir", help="folder with the true fields displacement_NNN.mha (us3d phantom --truth-dir)")
     _registration_options(p)
     p.set_defaults(func=cmd_register_sequence)
@@ -558,15 +570,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", nargs="+", choices=("none", "obnlm", "unet"), default=["none", "obnlm", "unet"],
                    help="pre-processings of the frames the model learns, as they will be at inference "
                         "(default: all three)")
-    p.add_argument("--sequences", type=_positive_int, default=24, help="simulated training sequences (default 24)")
+    p.add_argument("--standard-sequences", type=_non_negative_int, default=len(TRAINING["standard"]),
+                   help=f"training sequences of the standard simulator configuration (at most "
+                        f"{len(TRAINING['standard'])}, the default)")
+    p.add_argument("--varied-sequences", type=_non_negative_int, default=len(TRAINING["varied"]),
+                   help=f"training sequences with varied imaging and breathing (at most {len(TRAINING['varied'])}, "
+                        "the default)")
     p.add_argument("--frames", type=_positive_int, default=8, help="frames per sequence (default 8)")
-    p.add_argument("--steps", type=_positive_int, default=2000, help="optimiser steps (default 2000)")
+    p.add_argument("--steps", type=_positive_int, default=RegistrationTrainingSettings.steps,
+                   help=f"optimiser steps (default {RegistrationTrainingSettings.steps})")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="pairs per step (default 1)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--smoothness", type=float, default=0.1, help="weight of the smoothness term (default 0.1)")
-    p.add_argument("--truth-weight", type=float, default=0.5,
-                   help="weight (per mm^2) of the endpoint error against the simulator's true motion; "
-                        "0 gives the paper's unsupervised loss (default 0.5)")
+    p.add_argument("--lr", type=_positive_float, default=RegistrationTrainingSettings.learning_rate,
+                   help=f"Adam learning rate (default {RegistrationTrainingSettings.learning_rate})")
+    p.add_argument("--smoothness", type=float, default=RegistrationTrainingSettings.smoothness_weight,
+                   help="weight of the squared displacement gradient, mm/mm "
+                        f"(default {RegistrationTrainingSettings.smoothness_weight})")
+    p.add_argument("--truth-weight", type=float, default=RegistrationTrainingSettings.truth_weight,
+                   help="weight (per mm) of the endpoint error against the simulator's true motion; "
+                        f"0 gives the paper's unsupervised loss (default {RegistrationTrainingSettings.truth_weight})")
+    p.add_argument("--image-weight", type=float, default=RegistrationTrainingSettings.image_weight,
+                   help="weight of the MSE of normalised fixed and warped moving volumes (the paper's loss; "
+                        f"default {RegistrationTrainingSettings.image_weight})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--cache", help="folder to cache simulated, pre-processed sequences")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's choice)")

@@ -16,6 +16,7 @@ import vtk
 
 from us3d.despeckle import Cancelled, ObnlmSettings, UnetSettings, despeckle_array
 from us3d.errors import InputError
+from us3d.registration.pairs import RegistrationSettings
 from us3d.registration.synthetic import shifted_blobs
 from us3dmrml.despeckle import despeckle_sequence_node, despeckle_volume_node
 from us3dmrml.nodes import _set_geometry, _set_voxels, array_from_volume_node
@@ -248,7 +249,7 @@ def scenario_grid_transform_reproduces_warp(scene) -> None:
     fixed = add_volume(scene, blob_volume((0.0, 0.0, 0.0)), "fixed")
     moving = add_volume(scene, blob_volume((1.2, -0.6, 0.0)), "moving")
     hashes = volume_hash(fixed), volume_hash(moving)
-    run = register_volume_nodes(scene, fixed, moving, "demons", "none", "cpu")
+    run = register_volume_nodes(scene, fixed, moving, RegistrationSettings(method="demons", device="cpu"))
     hardened = None
     try:
         assert (volume_hash(fixed), volume_hash(moving)) == hashes, "an input volume was changed"
@@ -290,8 +291,9 @@ def scenario_registration_sequence(scene, sequences_logic=None) -> None:
     moving = add_volume(scene, blob_volume(shifts[0]), "moving (exhale)")
     before = [volume_hash(sequence.GetNthDataNode(n)) for n in range(3)] + [volume_hash(moving)]
     seen = []
-    run = register_sequence_node(scene, sequence, moving, "demons", "none", "cpu", progress=lambda d, t: seen.append(d),
-                                 browser_node=browser, sequences_logic=sequences_logic)
+    run = register_sequence_node(scene, sequence, moving, RegistrationSettings(method="demons", device="cpu"),
+                                 progress=lambda d, t: seen.append(d), browser_node=browser,
+                                 sequences_logic=sequences_logic)
     try:
         assert seen == [1, 2, 3]
         for output in (run.warped_node, run.transform_node):
@@ -312,7 +314,8 @@ def scenario_registration_cancel_leaves_scene_unchanged(scene) -> None:
     moving = add_volume(scene, speckle_volume(), "moving")
     count = scene.GetNumberOfNodes()
     done = cancelled_after_two_frames(lambda progress, cancel: register_sequence_node(
-        scene, sequence, moving, "demons", "none", "cpu", progress, cancel, browser_node=browser))
+        scene, sequence, moving, RegistrationSettings(method="demons", device="cpu"), progress, cancel,
+        browser_node=browser))
     try:
         assert done == [1, 2] and scene.GetNumberOfNodes() == count
     finally:
@@ -330,7 +333,7 @@ def scenario_voxelmorph_tracks_simulated_breathing(scene) -> None:
     phantom = simulate_sequence(3, seed=9150)
     sequence, browser = add_sequence(scene, name="breathing", arrays=list(phantom.bmode))
     moving = add_volume(scene, phantom.bmode[0], "exhale")
-    run = register_sequence_node(scene, sequence, moving, "voxelmorph", "none", "cpu")
+    run = register_sequence_node(scene, sequence, moving, RegistrationSettings(device="cpu"))
     try:
         lps_to_index = np.linalg.inv(np.reshape(DIRECTION_LPS, (3, 3))) / np.asarray(SPACING)[:, None]
         for t in (1, 2):

@@ -1,7 +1,20 @@
-"""Register one moving volume to a fixed volume, with optional despeckling first, and measure it.
+"""Register a moving volume to a fixed volume, or to every frame of a 4D sequence, and measure it.
 
-Pre-processing (none, OBNLM or a U-Net) is applied to both volumes before registration, as in
-the paper's protocol; the field found is then applied to the original moving volume.
+One settings object (`RegistrationSettings`) says how; a `Registrar` holds it with what it has
+loaded (the VoxelMorph model, once) and registers pairs and sequences. The CLI, the demo, the
+benchmarks and the Slicer modules all go through `Registrar.register_sequence` (4D) or
+`Registrar.register_pair` (3D).
+
+Methods:
+- "voxelmorph": the bundled VoxelMorph network (its FFT translation, then the learned
+  deformation), then `refine_steps` steps of per-pair refinement (`us3d.registration.refine`);
+- "translation": the FFT translation alone, then the same refinement (instance optimisation
+  without a network; with `refine_steps` 0, a rigid translation);
+- "demons": SimpleITK's multi-resolution diffeomorphic demons.
+
+Pre-processing (none, a Gaussian blur, OBNLM or a U-Net) is applied to both volumes before
+registration, as in the paper's protocol; the field found is then applied to the original moving
+volume.
 """
 
 from __future__ import annotations
@@ -9,21 +22,58 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from us3d import metrics
-from us3d.despeckle import ObnlmSettings, UnetSettings, despeckle
 from us3d.devices import resolve_device
 from us3d.errors import Cancelled, InputError
 from us3d.io import VolumeSequence
-from us3d.registration.demons import register_demons
 from us3d.registration.fields import endpoint_error, folding_fraction, same_grid, source_inside, warp
 
-METHODS = ("voxelmorph", "demons")
-PREPROCESSING = ("none", "obnlm", "unet")
+from us3d.options import DEFAULT_REFINE_STEPS
+from us3d.options import REGISTRATION_METHODS as METHODS
+from us3d.options import REGISTRATION_PREPROCESSING as PREPROCESSING
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrationSettings:
+    """How to register.
+
+    Parameters
+    ----------
+    method : "voxelmorph" (network, then refinement), "translation" (FFT translation, then
+        refinement) or "demons" (SimpleITK).
+    preprocessing : "none", "gaussian" (sigma 1 voxel), "obnlm" (slice-wise, M=3, alpha=1, h=0.7)
+        or "unet" (the U-Net `unet_model`), applied to both volumes before registering.
+    refine_steps : Adam steps of per-pair refinement after the network or the translation; 0 gives
+        the pure network (the paper's VoxelMorph) or the translation alone.
+    device : "auto", "cpu" or "cuda".
+    model : VoxelMorph model, a bundled name or a .pt file (None: the bundled `voxelmorph`).
+    unet_model : the U-Net used when `preprocessing` is "unet".
+    from_previous_frame : in a sequence, start each frame's refinement from the previous frame's
+        result instead of the network's or translation's estimate (see the benchmark).
+    """
+
+    method: str = "voxelmorph"
+    preprocessing: str = "none"
+    refine_steps: int = DEFAULT_REFINE_STEPS
+    device: str = "auto"
+    model: Optional[str] = None
+    unet_model: str = "unet-obnlm"
+    from_previous_frame: bool = False
+
+    def check(self) -> None:
+        """InputError for a setting out of range."""
+        if self.method not in METHODS:
+            raise InputError(f"registration method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.preprocessing not in PREPROCESSING:
+            raise InputError(f"pre-processing must be one of {', '.join(PREPROCESSING)}, not {self.preprocessing!r}")
+        if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise InputError(f"refine steps must be a whole number >= 0, not {self.refine_steps!r}")
 
 
 @dataclasses.dataclass
@@ -40,17 +90,11 @@ class PairResult:
     warped: sitk.Image
     mse_before: float
     mse_after: float
-    smpi: float | None  # SMPI of the pre-processing on the fixed volume (None without)
+    smpi: Optional[float]  # SMPI of the pre-processing on the fixed volume (None without)
     folding: float
-    seconds: float
-    endpoint_error: tuple[float, float] | None = None  # (mean, p95) mm, when a true field is given (see above)
+    seconds: float  # registration of the pair, pre-processing excluded
+    endpoint_error: Optional[tuple[float, float]] = None  # (mean, p95) mm, when a true field is given
     resampled: bool = False  # the moving volume was on another grid and was resampled
-
-
-def preprocess_settings(name: str, model: str = "unet-obnlm") -> ObnlmSettings | UnetSettings | None:
-    if name not in PREPROCESSING:
-        raise InputError(f"pre-processing must be one of {', '.join(PREPROCESSING)}, not {name!r}")
-    return {"none": None, "obnlm": ObnlmSettings(), "unet": UnetSettings(model)}[name]
 
 
 def _scaled_mse(a: np.ndarray, b: np.ndarray, low: float, high: float) -> float:
@@ -76,112 +120,207 @@ def on_fixed_grid(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Image, bo
     return moving, resampled
 
 
-def despeckled(image: sitk.Image, preprocessing: str, device: str = "auto",
-               cancel: Callable[[], bool] | None = None) -> sitk.Image:
-    """The volume as the registration sees it: float32, despeckled by `preprocessing` unless "none"."""
-    settings = preprocess_settings(preprocessing)
-    if settings is None:
-        return sitk.Cast(image, sitk.sitkFloat32)
-    return despeckle(image, settings, device, cancel=cancel).output
+def _tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[None, None].to(device)
 
 
-Registrar = Callable[[sitk.Image, sitk.Image, Callable[[], bool] | None], sitk.Image]
+def _spacing_kji(image: sitk.Image) -> tuple[float, float, float]:
+    spacing = image.GetSpacing()
+    return (float(spacing[2]), float(spacing[1]), float(spacing[0]))
 
 
-def registrar(method: str = "voxelmorph", preprocessing: str = "none", device: str = "auto",
-              model: str | None = None) -> Registrar:
-    """A function (fixed, moving on the fixed grid, cancel) -> field for `method`, ready to be called
-    for many pairs (VoxelMorph's model is loaded once). `model`: a VoxelMorph model name or file;
-    by default the bundled one (trained on all three pre-processings)."""
-    if method not in METHODS:
-        raise InputError(f"registration method must be one of {', '.join(METHODS)}, not {method!r}")
-    preprocess_settings(preprocessing)  # checks the name
-    if method == "demons":
-        return lambda fixed, moving, cancel: register_demons(fixed, moving, cancel=cancel)
-    from us3d.models.bundle import load_model
-    from us3d.registration.voxelmorph import model_name, register_voxelmorph
+class Registrar:
+    """Registers pairs and sequences with one `RegistrationSettings`; the VoxelMorph model is
+    loaded once, when the registrar is made (InputError for bad settings or a model that is not a
+    registration model)."""
 
-    used = resolve_device(device)
-    loaded = load_model(model or model_name(preprocessing), used)
-    if loaded.metadata.get("task") != "registration":
-        raise InputError(f"{loaded.name} is not a registration model")
-    trained_on = loaded.metadata.get("preprocessing", [])
-    if preprocessing not in trained_on:
-        warnings.warn(f"{loaded.name} was trained on {', '.join(trained_on)} inputs, not {preprocessing}")
-    return lambda fixed, moving, cancel: register_voxelmorph(fixed, moving, loaded.module, used)
+    def __init__(self, settings: RegistrationSettings = RegistrationSettings()) -> None:
+        settings.check()
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self._despeckle = self._despeckle_settings()
+        self._network = None
+        if settings.method == "voxelmorph":
+            self._network = self._load_network()
 
+    def _despeckle_settings(self):
+        from us3d.despeckle import ObnlmSettings, UnetSettings
 
-def register_pair(fixed: sitk.Image, moving: sitk.Image, method: str = "voxelmorph", preprocessing: str = "none",
-                  device: str = "auto", truth: sitk.Image | None = None, truth_mask: np.ndarray | None = None,
-                  cancel: Callable[[], bool] | None = None, moving_despeckled: sitk.Image | None = None,
-                  register: Registrar | None = None) -> PairResult:
-    """Register `moving` onto `fixed`; see PairResult. `truth`: the true field, for endpoint error.
+        name = self.settings.preprocessing
+        return {"obnlm": ObnlmSettings(), "unet": UnetSettings(self.settings.unet_model)}.get(name)
 
-    `moving_despeckled`: `despeckled(moving, preprocessing)` when the caller already has it (one
-    moving volume registered to many fixed frames); `moving` must then be on the fixed grid.
-    `register`: `registrar(method, preprocessing, device)` when the caller already has it.
-    """
-    register = register or registrar(method, preprocessing, device)
-    moving, resampled = on_fixed_grid(fixed, moving)
-    start = time.perf_counter()
-    fixed_in = despeckled(fixed, preprocessing, device, cancel)
-    moving_in = moving_despeckled if moving_despeckled is not None else despeckled(moving, preprocessing, device,
-                                                                                   cancel)
-    result = _register_prepared(fixed, fixed_in, moving, moving_in, preprocessing != "none", register, start, truth,
-                                truth_mask, cancel)
-    result.resampled = resampled
-    return result
+    def _load_network(self) -> torch.nn.Module:
+        from us3d.models.bundle import load_model
 
+        loaded = load_model(self.settings.model or "voxelmorph", self.device)
+        if loaded.metadata.get("task") != "registration":
+            raise InputError(f"{loaded.name} is not a registration model")
+        trained_on = loaded.metadata.get("preprocessing", [])
+        if self.settings.preprocessing not in trained_on and self.settings.preprocessing != "gaussian":
+            warnings.warn(f"{loaded.name} was trained on {', '.join(trained_on)} inputs, "
+                          f"not {self.settings.preprocessing}")
+        return loaded.module
 
-def _register_prepared(fixed: sitk.Image, fixed_in: sitk.Image, moving: sitk.Image, moving_in: sitk.Image,
-                       despeckled: bool, register: Registrar, start: float, truth: sitk.Image | None,
-                       truth_mask: np.ndarray | None, cancel: Callable[[], bool] | None) -> PairResult:
-    """Register pre-processed volumes (`*_in`, on one grid) and measure; `start`: when the pair's work began."""
-    smpi = None
-    if despeckled:
-        smpi = metrics.smpi(sitk.GetArrayViewFromImage(fixed).astype(np.float64),
-                            sitk.GetArrayViewFromImage(fixed_in).astype(np.float64))
-    field = register(fixed_in, moving_in, cancel)
-    seconds = time.perf_counter() - start
-    fixed_array = sitk.GetArrayViewFromImage(fixed_in).astype(np.float64)
-    low, high = float(fixed_array.min()), float(fixed_array.max())
-    before = _scaled_mse(fixed_array, sitk.GetArrayViewFromImage(moving_in).astype(np.float64), low, high)
-    # GetArrayFromImage, not a view: a view of a temporary image would outlive its buffer
-    after = _scaled_mse(fixed_array, sitk.GetArrayFromImage(warp(moving_in, field)).astype(np.float64), low, high)
-    if truth is not None and truth_mask is None:
-        truth_mask = source_inside(truth, moving)
-    epe = endpoint_error(field, truth, truth_mask) if truth is not None else None
-    return PairResult(field, warp(moving, field), before, after, smpi, folding_fraction(field), seconds, epe)
+    # --- pre-processing ------------------------------------------------------------------------
 
+    def preprocess(self, data: sitk.Image | VolumeSequence, cancel: Callable[[], bool] | None = None):
+        """The volume or sequence as the registration sees it: float32, pre-processed."""
+        from us3d.despeckle import despeckle
 
-def register_sequence(sequence: VolumeSequence, reference_frame: int = 0, method: str = "voxelmorph",
-                      preprocessing: str = "none", device: str = "auto", truths: list[sitk.Image] | None = None,
-                      progress: Callable[[int, int], None] | None = None,
-                      cancel: Callable[[], bool] | None = None) -> list[PairResult]:
-    """The paper's protocol: frame `reference_frame` (the exhale frame) is the moving volume,
-    registered to every frame of `sequence` (itself included, which gives a near-zero field).
+        name = self.settings.preprocessing
+        if isinstance(data, VolumeSequence):
+            if name == "none":
+                return data.with_frames(data.frames.astype(np.float32))
+            if name == "gaussian":
+                return data.with_frames(np.stack([_gaussian_blur(f) for f in data.frames]))
+            return despeckle(data, self._despeckle, self.settings.device, cancel=cancel).output
+        if name == "none":
+            return sitk.Cast(data, sitk.sitkFloat32)
+        if name == "gaussian":
+            out = sitk.GetImageFromArray(_gaussian_blur(sitk.GetArrayViewFromImage(data)))
+            out.CopyInformation(data)
+            return out
+        return despeckle(data, self._despeckle, self.settings.device, cancel=cancel).output
 
-    The sequence is pre-processed once; `truths`: the true field of each frame (frame t <- the
-    reference frame), for endpoint errors. `seconds` of each pair excludes the pre-processing.
-    """
-    if len(sequence) == 0:
-        raise InputError("the sequence has no frames")
-    if not 0 <= reference_frame < len(sequence):
-        raise InputError(f"the reference frame must be between 0 and {len(sequence) - 1}, not {reference_frame}")
-    if truths is not None and len(truths) != len(sequence):
-        raise InputError(f"{len(truths)} true fields for {len(sequence)} frames")
-    register = registrar(method, preprocessing, device)
-    settings = preprocess_settings(preprocessing)
-    prepared = (sequence.with_frames(sequence.frames.astype(np.float32)) if settings is None
-                else despeckle(sequence, settings, device, cancel=cancel).output)
-    moving, moving_in = sequence.frame_image(reference_frame), prepared.frame_image(reference_frame)
-    results = []
-    for t in range(len(sequence)):
+    # --- the displacement ----------------------------------------------------------------------
+
+    def displacement(self, fixed: sitk.Image, moving: sitk.Image, initial: torch.Tensor | None = None,
+                     cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """(1, 3, k, j, i) voxel displacement, channels (k, j, i), that warps pre-processed `moving`
+        (on the fixed grid) onto `fixed`; `initial` replaces the network's or translation's start
+        (e.g. the previous frame's displacement). Not for demons."""
+        from us3d.registration.refine import RefinementSettings, refine
+        from us3d.registration.voxelmorph import normalised, translation
+
+        fixed_t, moving_t = _tensor(fixed, self.device), _tensor(moving, self.device)
+        with torch.inference_mode():
+            if initial is not None:
+                start = initial.to(self.device)
+            elif self._network is not None:
+                start = self._run_network(fixed_t, moving_t)
+            else:
+                shift = translation(normalised(fixed_t), normalised(moving_t))
+                start = shift.view(1, 3, 1, 1, 1).expand(1, 3, *fixed_t.shape[2:]).contiguous()
         if cancel is not None and cancel():
             raise Cancelled()
-        fixed = sequence.frame_image(t)
-        results.append(_register_prepared(fixed, prepared.frame_image(t), moving, moving_in, settings is not None, register,
-                                          time.perf_counter(), None if truths is None else truths[t], None, cancel))
-        if progress is not None:
-            progress(t + 1, len(sequence))
-    return results
+        if self.settings.refine_steps == 0:
+            return start
+        with torch.enable_grad():
+            return refine(fixed_t, moving_t, start.clone(), _spacing_kji(fixed),
+                          RefinementSettings(steps=self.settings.refine_steps)).detach()
+
+    def _run_network(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._network(fixed, moving)
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise
+            warnings.warn("CUDA out of memory: registering on the CPU instead")
+            self.device = torch.device("cpu")
+            self._network = self._network.to(self.device)
+            return self._network(fixed.cpu(), moving.cpu())
+
+    def field(self, fixed: sitk.Image, moving: sitk.Image, initial: torch.Tensor | None = None,
+              cancel: Callable[[], bool] | None = None) -> tuple[sitk.Image, torch.Tensor | None]:
+        """(ITK displacement field on the fixed grid, LPS mm; the voxel displacement, None for demons)
+        for pre-processed volumes on one grid."""
+        from us3d.registration.demons import register_demons
+        from us3d.registration.voxelmorph import displacement_to_field
+
+        if self.settings.method == "demons":
+            return register_demons(fixed, moving, cancel=cancel), None
+        displacement = self.displacement(fixed, moving, initial, cancel)
+        return displacement_to_field(displacement[0].cpu().numpy(), fixed), displacement
+
+    # --- pairs and sequences -------------------------------------------------------------------
+
+    def _measure(self, fixed: sitk.Image, fixed_in: sitk.Image, moving: sitk.Image, moving_in: sitk.Image,
+                 field: sitk.Image, seconds: float, truth: sitk.Image | None,
+                 truth_mask: np.ndarray | None) -> PairResult:
+        smpi = None
+        if self.settings.preprocessing != "none":
+            smpi = metrics.smpi(sitk.GetArrayViewFromImage(fixed).astype(np.float64),
+                                sitk.GetArrayViewFromImage(fixed_in).astype(np.float64))
+        fixed_array = sitk.GetArrayViewFromImage(fixed_in).astype(np.float64)
+        low, high = float(fixed_array.min()), float(fixed_array.max())
+        before = _scaled_mse(fixed_array, sitk.GetArrayViewFromImage(moving_in).astype(np.float64), low, high)
+        # GetArrayFromImage, not a view: a view of a temporary image would outlive its buffer
+        after = _scaled_mse(fixed_array, sitk.GetArrayFromImage(warp(moving_in, field)).astype(np.float64), low, high)
+        if truth is not None and truth_mask is None:
+            truth_mask = source_inside(truth, moving)
+        epe = endpoint_error(field, truth, truth_mask) if truth is not None else None
+        return PairResult(field, warp(moving, field), before, after, smpi, folding_fraction(field), seconds, epe)
+
+    def register_pair(self, fixed: sitk.Image, moving: sitk.Image, truth: sitk.Image | None = None,
+                      truth_mask: np.ndarray | None = None, cancel: Callable[[], bool] | None = None) -> PairResult:
+        """Register `moving` onto `fixed` (resampled onto the fixed grid first when it lies on another
+        grid); see PairResult. `truth`: the true field, for the endpoint error."""
+        moving, resampled = on_fixed_grid(fixed, moving)
+        fixed_in, moving_in = self.preprocess(fixed, cancel), self.preprocess(moving, cancel)
+        start = time.perf_counter()
+        field, _ = self.field(fixed_in, moving_in, cancel=cancel)
+        result = self._measure(fixed, fixed_in, moving, moving_in, field, time.perf_counter() - start, truth,
+                               truth_mask)
+        result.resampled = resampled
+        return result
+
+    def register_sequence(self, sequence: VolumeSequence, moving: int | sitk.Image = 0,
+                          truths: list[sitk.Image] | None = None,
+                          progress: Callable[[int, int], None] | None = None,
+                          cancel: Callable[[], bool] | None = None) -> list[PairResult]:
+        """The paper's protocol: the moving volume (a frame of `sequence`, by default frame 0, the
+        exhale frame; or another volume) registered to every frame of `sequence` (a moving frame is
+        registered to itself too, which gives a near-zero field).
+
+        The sequence and the moving volume are pre-processed once; `truths`: the true field of each
+        frame (frame t <- the moving volume), for endpoint errors. `progress(done, total)` after
+        each frame; `cancel()` returning True stops with `Cancelled`.
+        """
+        if len(sequence) == 0:
+            raise InputError("the sequence has no frames")
+        if isinstance(moving, (int, np.integer)):
+            if not 0 <= moving < len(sequence):
+                raise InputError(f"the moving frame must be between 0 and {len(sequence) - 1}, not {moving}")
+            moving_image, resampled = sequence.frame_image(int(moving)), False
+        else:
+            moving_image, resampled = on_fixed_grid(sequence.frame_image(0), moving)
+        if truths is not None and len(truths) != len(sequence):
+            raise InputError(f"{len(truths)} true fields for {len(sequence)} frames")
+        prepared = self.preprocess(sequence, cancel)
+        moving_in = self.preprocess(moving_image, cancel)
+        results, previous = [], None
+        for t in range(len(sequence)):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            fixed, fixed_in = sequence.frame_image(t), prepared.frame_image(t)
+            start = time.perf_counter()
+            field, displacement = self.field(fixed_in, moving_in, previous, cancel)
+            if self.settings.from_previous_frame and not (isinstance(moving, (int, np.integer)) and t == moving):
+                previous = displacement  # None for demons
+            result = self._measure(fixed, fixed_in, moving_image, moving_in, field, time.perf_counter() - start,
+                                   None if truths is None else truths[t], None)
+            result.resampled = resampled
+            results.append(result)
+            if progress is not None:
+                progress(t + 1, len(sequence))
+        return results
+
+
+def _gaussian_blur(volume: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """(k, j, i) volume blurred by a Gaussian of `sigma` voxels along every axis, float32."""
+    image = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
+    return sitk.GetArrayFromImage(sitk.DiscreteGaussian(image, variance=sigma ** 2, useImageSpacing=False))
+
+
+def register_pair(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings = RegistrationSettings(),
+                  truth: sitk.Image | None = None, cancel: Callable[[], bool] | None = None) -> PairResult:
+    """`Registrar(settings).register_pair(fixed, moving, truth, cancel=cancel)`."""
+    return Registrar(settings).register_pair(fixed, moving, truth, cancel=cancel)
+
+
+def register_sequence(sequence: VolumeSequence, moving: int | sitk.Image = 0,
+                      settings: RegistrationSettings = RegistrationSettings(),
+                      truths: list[sitk.Image] | None = None, progress: Callable[[int, int], None] | None = None,
+                      cancel: Callable[[], bool] | None = None) -> list[PairResult]:
+    """`Registrar(settings).register_sequence(sequence, moving, truths, progress, cancel)`."""
+    return Registrar(settings).register_sequence(sequence, moving, truths, progress, cancel)

@@ -1,18 +1,13 @@
-"""VoxelMorph (Balakrishnan et al., IEEE TMI 2019) in torch: network, spatial transformer,
-scaling-and-squaring integration and the training loss (the paper's eq. 5 plus smoothness).
+"""The registration network (VoxelMorph's setting, Balakrishnan et al., IEEE TMI 2019, with a
+correlation decoder), the spatial transformer and the FFT translation that pre-aligns the volumes
+(loss and training: `us3d.training.registration`).
 
-Tensors are (batch, channel, k, j, i). Displacements inside the network are in voxels, channel
-order (k, j, i); `displacement_to_field` turns them into the ITK field (LPS mm) used elsewhere.
-
-The network predicts a stationary velocity at half the in-plane resolution (VoxelMorph's
-`int_downsize` 2): breathing motion is smooth, and dropping the full-resolution decoder layers
-makes a 128x128x32 pair about 4x cheaper. The velocity is integrated there and the displacement
-upsampled to the input grid.
+Tensors are (batch, channel, k, j, i). Displacements are in voxels, channel order (k, j, i);
+`displacement_to_field` turns them into the ITK field (LPS mm) used elsewhere.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import List
 
 import numpy as np
@@ -23,8 +18,8 @@ from torch import nn
 
 from us3d.models.unet import Conv3d
 
-#: The network pads k to a multiple of 8 and (j, i) to multiples of 16 (its strides).
-PAD_MULTIPLE = (8, 16, 16)
+#: The network pads k to a multiple of 4 and (j, i) to multiples of 8 (its strides).
+PAD_MULTIPLE = (4, 8, 8)
 
 
 def _identity_grid(shape: List[int], device: torch.device) -> torch.Tensor:
@@ -49,34 +44,15 @@ class SpatialTransformer(nn.Module):
         return transform(moving, displacement)
 
 
-def integrate(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """Diffeomorphic displacement from a stationary velocity field by scaling and squaring."""
-    displacement = velocity / (2 ** steps)
-    for _ in range(steps):
-        displacement = displacement + transform(displacement, displacement)
-    return displacement
-
-
-def translation(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-    """(b, 3) shift s in voxels, (k, j, i), that best aligns moving(x + s) with fixed(x): the peak of their
-    FFT cross-correlation within a quarter of each axis, refined to sub-voxel by a parabola per axis."""
-    dims = [2, 3, 4]
-    shape = [fixed.shape[2], fixed.shape[3], fixed.shape[4]]
-    spectrum = torch.conj(torch.fft.rfftn(fixed, dim=dims)) * torch.fft.rfftn(moving, dim=dims)
-    correlation = torch.fft.irfftn(spectrum, s=shape, dim=dims)[:, 0]  # (b, k, j, i): sum fixed(x) moving(x + s)
-    allowed = torch.ones(shape, dtype=torch.bool, device=fixed.device)
-    for axis in range(3):
-        n = shape[axis]
-        index = torch.arange(n, device=fixed.device)
-        near = (index <= n // 4) | (index >= n - n // 4)
-        view = [1, 1, 1]
-        view[axis] = n
-        allowed = allowed & near.view(view)
-    correlation = torch.where(allowed[None], correlation, torch.full_like(correlation, -1e30))
-    batch = torch.arange(correlation.shape[0], device=fixed.device)
-    peak = correlation.flatten(1).argmax(1)
+def _peak(score: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """(b, 3) position (k, j, i) of each batch item's maximum of `score` (b, k, j, i) where `allowed`,
+    refined to sub-voxel by a parabola per axis; positions past half an axis wrap to negative."""
+    shape = [score.shape[1], score.shape[2], score.shape[3]]
+    score = torch.where(allowed, score, torch.full_like(score, -1e30))
+    batch = torch.arange(score.shape[0], device=score.device)
+    peak = score.flatten(1).argmax(1)
     indices = [peak // (shape[1] * shape[2]), (peak // shape[2]) % shape[1], peak % shape[2]]
-    centre = correlation[batch, indices[0], indices[1], indices[2]]
+    centre = score[batch, indices[0], indices[1], indices[2]]
     shifts: List[torch.Tensor] = []
     for axis in range(3):
         n = shape[axis]
@@ -84,22 +60,93 @@ def translation(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         after = [indices[0], indices[1], indices[2]]
         before[axis] = (indices[axis] - 1) % n
         after[axis] = (indices[axis] + 1) % n
-        low = correlation[batch, before[0], before[1], before[2]]
-        high = correlation[batch, after[0], after[1], after[2]]
+        low = score[batch, before[0], before[1], before[2]]
+        high = score[batch, after[0], after[1], after[2]]
         curvature = low - 2 * centre + high
-        offset = torch.where(curvature < 0, 0.5 * (low - high) / torch.where(curvature < 0, curvature,
-                                                                                   -torch.ones_like(curvature)),
+        usable = (curvature < 0) & (low > -1e29) & (high > -1e29)
+        offset = torch.where(usable, 0.5 * (low - high) / torch.where(usable, curvature, -torch.ones_like(curvature)),
                              torch.zeros_like(curvature))
         position = indices[axis].float() + offset.clamp(-0.5, 0.5)
         shifts.append(torch.where(position > n / 2, position - n, position))
     return torch.stack(shifts, 1)
 
 
+def _correlate(a: torch.Tensor, b: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """sum over x of a(x) b(x + s) for every shift s (circular on a grid of `size`), (b, k, j, i)."""
+    dims = [2, 3, 4]
+    spectrum = torch.conj(torch.fft.rfftn(a, s=size, dim=dims)) * torch.fft.rfftn(b, s=size, dim=dims)
+    return torch.fft.irfftn(spectrum, s=size, dim=dims)[:, 0]
+
+
+def _detail(volume: torch.Tensor, reduce: List[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the volume reduced by `reduce`, its smooth trend removed, zero where it has no data; that mask):
+    voxels at the volume's minimum over a whole block carry no data."""
+    low = volume.flatten(1).min(1)[0].view(-1, 1, 1, 1, 1)
+    mask = (F.avg_pool3d((volume - low).abs().float(), reduce, ceil_mode=True) > 1e-6).float()
+    pooled = F.avg_pool3d(volume.float(), reduce, ceil_mode=True)
+    trend = _blur(pooled * mask, 3.0) / _blur(mask, 3.0).clamp(min=1e-6)
+    return (pooled - trend) * mask, mask
+
+
+def coarse_translation(fixed: torch.Tensor, moving: torch.Tensor, factor: int = 2,
+                       min_overlap: float = 0.3) -> torch.Tensor:
+    """(b, 3) shift in voxels (k, j, i) of the input grid from a masked, overlap-normalised cross-correlation
+    (Padfield, IEEE TIP 2012) at 1/`factor` in-plane resolution, with shifts up to half of each axis.
+
+    Regions at the volume's minimum (outside a sector scan, zero padding) carry no data; smooth
+    trends (attenuation, TGC, shading), which do not move with the tissue, are removed by subtracting a
+    Gaussian-blurred copy; shifts whose overlap is under `min_overlap` of the volume are not considered.
+    """
+    reduce = [1, factor, factor]
+    f, mf = _detail(fixed, reduce)
+    m, mm = _detail(moving, reduce)
+    shape = [f.shape[2], f.shape[3], f.shape[4]]
+    size = [n + n // 2 for n in shape]  # zero padding: shifts up to half of each axis do not wrap
+    dims = [2, 3, 4]
+    # one batch of transforms: the fixed-side terms against the moving-side terms, pairwise
+    left = torch.fft.rfftn(torch.cat([mf, f, mf, f, f * f, mf], 1), s=size, dim=dims)
+    right = torch.fft.rfftn(torch.cat([mm, mm, m, m, mm, m * m], 1), s=size, dim=dims)
+    sums = torch.fft.irfftn(torch.conj(left) * right, s=size, dim=dims)
+    count, sum_f, sum_m = sums[:, 0], sums[:, 1], sums[:, 2]
+    sum_fm, sum_ff, sum_mm = sums[:, 3], sums[:, 4], sums[:, 5]
+    overlap = count.clamp(min=1.0)
+    numerator = sum_fm - sum_f * sum_m / overlap
+    var_f = sum_ff - sum_f * sum_f / overlap
+    var_m = sum_mm - sum_m * sum_m / overlap
+    score = numerator / torch.sqrt((var_f * var_m).clamp(min=1e-12))
+    allowed = count > min_overlap * float(shape[0] * shape[1] * shape[2])
+    for axis in range(3):
+        index = torch.arange(size[axis], device=fixed.device)
+        near = (index <= shape[axis] // 2) | (index >= size[axis] - shape[axis] // 2)
+        view = [1, 1, 1, 1]
+        view[axis + 1] = size[axis]
+        allowed = allowed & near.view(view)
+    shift = _peak(score, allowed)
+    return shift * torch.tensor(reduce, dtype=shift.dtype, device=shift.device).view(1, 3)
+
+
+def _blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (b, 1, k, j, i) along every axis, zeros outside."""
+    radius = int(3 * sigma + 0.5)
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device) / sigma)
+                     ** 2)
+    taps = taps / taps.sum()
+    volume = F.conv3d(volume, taps.view(1, 1, -1, 1, 1), padding=[radius, 0, 0])
+    volume = F.conv3d(volume, taps.view(1, 1, 1, -1, 1), padding=[0, radius, 0])
+    return F.conv3d(volume, taps.view(1, 1, 1, 1, -1), padding=[0, 0, radius])
+
+
+def translation(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """(b, 3) shift s in voxels, (k, j, i), that best aligns moving(x + s) with fixed(x), within half of
+    each axis: `coarse_translation` at half in-plane resolution (sub-voxel by a parabola per axis)."""
+    return coarse_translation(fixed, moving, 2)
+
+
 class _Block(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: List[int]) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: List[int], kernel: int = 3) -> None:
         super().__init__()
-        self.conv = Conv3d(in_channels, out_channels, 3, stride=stride, padding=1)
-        self.activation = nn.LeakyReLU(0.2)
+        self.conv = Conv3d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2)
+        self.activation = nn.LeakyReLU(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.conv(x))
@@ -113,90 +160,165 @@ def normalised(volume: torch.Tensor) -> torch.Tensor:
     return (volume - mean) / torch.where(std > 0, std, torch.ones_like(std))
 
 
+def correlation(fixed: torch.Tensor, moving: torch.Tensor, radius: List[int]) -> torch.Tensor:
+    """Cost volume: for every offset o within `radius` (k, j, i) voxels, the channel mean of
+    fixed(x) * moving(x + o); (b, n_offsets, k, j, i), offsets in k-major order, zeros outside."""
+    rk, rj, ri = radius[0], radius[1], radius[2]
+    k, j, i = fixed.shape[2], fixed.shape[3], fixed.shape[4]
+    padded = F.pad(moving, [ri, ri, rj, rj, rk, rk])
+    out: List[torch.Tensor] = []
+    for dk in range(2 * rk + 1):
+        for dj in range(2 * rj + 1):
+            for di in range(2 * ri + 1):
+                out.append((fixed * padded[:, :, dk:dk + k, dj:dj + j, di:di + i]).mean(1))
+    return torch.stack(out, 1)
+
+
+def _offsets(radius: tuple[int, int, int]) -> int:
+    return (2 * radius[0] + 1) * (2 * radius[1] + 1) * (2 * radius[2] + 1)
+
+
+def _rescaled(displacement: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """A voxel displacement resampled onto a grid of `size` covering the same volume (voxels
+    `old / size` times larger, as strided convolutions make them), components rescaled to it."""
+    old = [displacement.shape[2], displacement.shape[3], displacement.shape[4]]
+    resized = F.interpolate(displacement, size=size, mode="trilinear", align_corners=False)
+    scale = torch.tensor([size[0] / old[0], size[1] / old[1], size[2] / old[2]], dtype=displacement.dtype,
+                         device=displacement.device)
+    return resized * scale.view(1, 3, 1, 1, 1)
+
+
+class _Encoder(nn.Module):
+    """Features of one volume at three levels: (k, j/2, i/2), (k/2, j/4, i/4), (k/4, j/8, i/8); the
+    first stride is in-plane only, which makes the B-mode grid (0.3-0.4 mm in-plane, 0.8 mm
+    elevation) about isotropic."""
+
+    def __init__(self, widths: List[int]) -> None:
+        super().__init__()
+        strides = [[1, 2, 2], [2, 2, 2], [2, 2, 2]]
+        self.levels = nn.ModuleList()
+        channels = 1
+        for width, stride in zip(widths, strides):
+            self.levels.append(nn.Sequential(_Block(channels, width, stride), _Block(width, width, [1, 1, 1])))
+            channels = width
+
+    def forward(self, volume: torch.Tensor) -> List[torch.Tensor]:
+        features: List[torch.Tensor] = []
+        y = volume
+        for level in self.levels:
+            y = level(y)
+            features.append(y)
+        return features
+
+
+class _Estimator(nn.Module):
+    """Cost volumes, fixed features and the current estimate -> increments of the 3 share logits and
+    of the 3 residual displacement components (voxels)."""
+
+    def __init__(self, in_channels: int, widths: List[int]) -> None:
+        super().__init__()
+        layers: List[nn.Module] = [_Block(in_channels, widths[0], [1, 1, 1], kernel=1)]
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers.append(_Block(a, b, [1, 1, 1]))
+        self.layers = nn.Sequential(*layers)
+        self.flow = Conv3d(widths[-1], 6, 3, padding=1)
+        nn.init.normal_(self.flow.weight, std=1e-3)
+        nn.init.zeros_(self.flow.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flow(self.layers(x))
+
+
 class VoxelMorph(nn.Module):
     """(fixed, moving) volumes (b, 1, k, j, i), any intensity scale -> displacement in voxels
     (b, 3, k, j, i), channels (k, j, i): warping moving by it (`SpatialTransformer`) aligns it to fixed.
 
-    Encoder: strided 3x3x3 convolutions, widths 16-32-32-32 as in VoxelMorph; the first halves
-    only (j, i), which makes the B-mode grid (0.3-0.4 mm in-plane, 0.8 mm elevation) about
-    isotropic, the next three halve every axis. Decoder 32-32-32-16 with skips, one more
-    16-channel convolution and a flow head with small initial weights, at half in-plane
-    resolution. The velocity is integrated by scaling and squaring (`integration_steps`).
-    Each volume is normalised by its own mean and std and the moving volume is first shifted by
-    `translation` (as VoxelMorph expects pre-aligned inputs): the network predicts what remains,
-    and the output is the sum. Sizes are padded (edge values) to multiples of `PAD_MULTIPLE`
-    and the output cropped back.
+    The bundled registration network: VoxelMorph's setting (a CNN maps the pair to a dense
+    displacement, applied by a spatial transformer, trainable with MSE + smoothness alone), with
+    a decoder that matches features instead of reading them side by side. A plain VoxelMorph
+    U-Net on the concatenated volumes learnt only the motion's usual direction from our
+    simulations, not to measure it (flipping the training pairs left it at its rigid step), and a
+    sliding abdominal wall needs two motions at once; so, coarse to fine (after PWC-Net):
+
+    1. each volume normalised by its own mean and std; `translation` (the FFT cross-correlation
+       peak) is the first estimate everywhere (VoxelMorph expects pre-aligned inputs);
+    2. one shared encoder gives features of both volumes at three levels (`_Encoder`);
+    3. the estimate is  shift * share + residual: per voxel and axis, the share of the bulk
+       translation that the tissue makes (a sliding abdominal wall makes none of it along the
+       interface, the liver all of it), plus a residual displacement;
+    4. at each level, coarsest first, two cost volumes: the fixed features against the moving
+       features warped by the current estimate (offsets within `radii[n]` voxels; about +-10 mm at
+       the coarsest level), and against the moving features not moved at all (`still_radii[n]`),
+       where tissue that does not follow the bulk motion matches (not at the finest level, for speed);
+       an estimator turns them, the
+       fixed features and the estimate into increments of the share (as logits; it starts at 1)
+       and of the residual;
+    5. the half in-plane resolution estimate is upsampled to the input grid.
+
+    Sizes are padded (edge values) to multiples of `PAD_MULTIPLE` and the output cropped back.
     """
 
-    def __init__(self, encoder: tuple[int, ...] = (16, 32, 32, 32), decoder: tuple[int, ...] = (32, 32, 32, 16, 16),
-                 integration_steps: int = 7) -> None:
+    def __init__(self, encoder: tuple[int, ...] = (8, 16, 32), radii: tuple[tuple[int, int, int], ...] = (
+            (3, 4, 4), (2, 2, 2), (1, 1, 1)), still_radii: tuple[tuple[int, int, int], ...] = (
+            (1, 2, 2), (1, 1, 1), (0, 0, 0)), estimators: tuple[tuple[int, ...], ...] = (
+            (64, 48, 32), (48, 32, 16), (12,))) -> None:
         super().__init__()
-        if len(encoder) != 4 or len(decoder) != 5:
-            raise ValueError("VoxelMorph needs 4 encoder widths and 5 decoder widths")
+        if len(encoder) != 3 or len(radii) != 3 or len(still_radii) != 3 or len(estimators) != 3:
+            raise ValueError("VoxelMorph needs 3 encoder widths, correlation radii and estimators")
         self.encoder_widths = list(encoder)
-        self.decoder_widths = list(decoder)
-        self.integration_steps = integration_steps
-        strides = [[1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
-        self.encoders = nn.ModuleList()
-        channels = 2
-        for width, stride in zip(encoder, strides):
-            self.encoders.append(_Block(channels, width, stride))
-            channels = width
-        self.bottom = _Block(channels, decoder[0], [1, 1, 1])
-        channels = decoder[0]
-        self.decoders = nn.ModuleList()
-        for level in range(3):  # back up to the first encoder level (half in-plane resolution)
-            self.decoders.append(_Block(channels + encoder[2 - level], decoder[level + 1], [1, 1, 1]))
-            channels = decoder[level + 1]
-        self.extra = _Block(channels, decoder[4], [1, 1, 1])
-        self.flow = Conv3d(decoder[4], 3, 3, padding=1)
-        nn.init.normal_(self.flow.weight, std=1e-5)
-        nn.init.zeros_(self.flow.bias)
+        self.radii = [list(r) for r in radii]
+        self.still_radii = [list(r) for r in still_radii]
+        self.estimator_widths = [list(e) for e in estimators]
+        self.encoder = _Encoder(list(encoder))
+        self.estimators = nn.ModuleList()
+        for level in range(3):
+            offsets = _offsets(radii[level]) + (_offsets(still_radii[level]) if max(still_radii[level]) > 0 else 0)
+            self.estimators.append(_Estimator(offsets + encoder[2 - level] + 6, list(estimators[level])))
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    def levels(self, fixed: torch.Tensor, moving: torch.Tensor, every_level: bool = True) -> List[torch.Tensor]:
+        """Each level's displacement (coarsest first) on the input grid, voxels; the last is `forward`'s
+        (only that one with `every_level` False)."""
         if fixed.dim() != 5 or fixed.shape[1] != 1 or fixed.shape != moving.shape:
             raise ValueError("fixed and moving must both be (batch, 1, k, j, i) with the same shape")
         k, j, i = fixed.shape[2], fixed.shape[3], fixed.shape[4]
-        pads = [(-k) % 8, (-j) % 16, (-i) % 16]  # PAD_MULTIPLE
+        pads = [(-k) % 4, (-j) % 8, (-i) % 8]  # PAD_MULTIPLE
         fixed_n, moving_n = normalised(fixed.float()), normalised(moving.float())
-        # rigid pre-alignment (VoxelMorph expects pre-aligned inputs): the network learns what remains
-        shift = translation(fixed_n, moving_n).view(-1, 3, 1, 1, 1).expand(-1, 3, k, j, i)
-        y = torch.cat([fixed_n, transform(moving_n, shift)], 1)
+        shift = translation(fixed_n, moving_n)
+        pair = torch.cat([fixed_n, moving_n], 0)
         if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
-            y = F.pad(y, [0, pads[2], 0, pads[1], 0, pads[0]], mode="replicate")
-        skips: List[torch.Tensor] = []
-        for encoder in self.encoders:
-            y = encoder(y)
-            skips.append(y)
-        y = self.bottom(y)
-        for level, decoder in enumerate(self.decoders):
-            skip = skips[2 - level]
-            y = F.interpolate(y, size=[skip.shape[2], skip.shape[3], skip.shape[4]], mode="trilinear",
-                              align_corners=False)
-            y = decoder(torch.cat([y, skip], 1))
-        velocity = self.flow(self.extra(y)).contiguous()
-        if self.integration_steps > 0:
-            velocity = integrate(velocity, self.integration_steps)
-        # half in-plane resolution -> the padded input grid; (j, i) components are in half-voxels
+            pair = F.pad(pair, [0, pads[2], 0, pads[1], 0, pads[0]], mode="replicate")
+        batch = fixed.shape[0]
+        features = self.encoder(pair)  # fixed and moving through one encoder
         full = [k + pads[0], j + pads[1], i + pads[2]]
-        displacement = F.interpolate(velocity, size=full, mode="trilinear", align_corners=False)
-        scale = torch.tensor([full[0] / velocity.shape[2], full[1] / velocity.shape[3], full[2] / velocity.shape[4]],
-                             device=displacement.device).view(1, 3, 1, 1, 1)
-        return (displacement * scale)[:, :, :k, :j, :i] + shift
+        out: List[torch.Tensor] = []
+        logits = torch.zeros(0)
+        residual = torch.zeros(0)
+        for level, estimator in enumerate(self.estimators):
+            both = features[2 - level]
+            f, m = both[:batch], both[batch:]
+            size = [f.shape[2], f.shape[3], f.shape[4]]
+            scale = torch.tensor([size[0] / full[0], size[1] / full[1], size[2] / full[2]], device=fixed.device)
+            bulk = (shift * scale).view(-1, 3, 1, 1, 1)
+            if level == 0:
+                logits = torch.full([batch, 3, size[0], size[1], size[2]], 4.0, device=fixed.device)
+                residual = torch.zeros([batch, 3, size[0], size[1], size[2]], device=fixed.device)
+            else:
+                logits = F.interpolate(logits, size=size, mode="trilinear", align_corners=False)
+                residual = _rescaled(residual, size)
+            flow = bulk * torch.sigmoid(logits) + residual
+            inputs = [correlation(f, transform(m, flow), self.radii[level])]
+            if max(self.still_radii[level]) > 0:
+                inputs.append(correlation(f, m, self.still_radii[level]))
+            increment = estimator(torch.cat(inputs + [f, flow, logits / 4.0], 1))
+            logits = logits + increment[:, :3]
+            residual = residual + increment[:, 3:]
+            if every_level or level == 2:
+                flow = bulk * torch.sigmoid(logits) + residual
+                out.append(_rescaled(flow, full)[:, :, :k, :j, :i])
+        return out
 
-
-def smoothness(displacement: torch.Tensor) -> torch.Tensor:
-    """Mean squared forward difference of the displacement along k, j and i."""
-    dk = displacement[:, :, 1:] - displacement[:, :, :-1]
-    dj = displacement[:, :, :, 1:] - displacement[:, :, :, :-1]
-    di = displacement[..., 1:] - displacement[..., :-1]
-    return (dk.pow(2).mean() + dj.pow(2).mean() + di.pow(2).mean()) / 3
-
-
-def registration_loss(fixed: torch.Tensor, warped: torch.Tensor, displacement: torch.Tensor,
-                      smoothness_weight: float = 0.01) -> torch.Tensor:
-    """MSE between fixed and warped moving (the paper's eq. 5) + weighted smoothness."""
-    return F.mse_loss(warped, fixed) + smoothness_weight * smoothness(displacement)
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.levels(fixed, moving, False)[-1]
 
 
 def displacement_to_field(displacement: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -206,28 +328,3 @@ def displacement_to_field(displacement: np.ndarray, reference: sitk.Image) -> si
     field = sitk.GetImageFromArray((index_mm @ direction.T).astype(np.float64), isVector=True)
     field.CopyInformation(reference)
     return field
-
-
-def model_name(preprocessing: str) -> str:
-    """The bundled VoxelMorph model for frames with this pre-processing (none, obnlm, unet): one model
-    was trained on all three."""
-    return "voxelmorph"
-
-
-def register_voxelmorph(fixed: sitk.Image, moving: sitk.Image, module: torch.nn.Module,
-                        device: torch.device) -> sitk.Image:
-    """Displacement field (LPS mm, fixed grid) from a VoxelMorph module; `moving` must be on the fixed grid.
-
-    A CUDA out-of-memory error falls back to the CPU with a warning.
-    """
-    fixed_tensor = torch.from_numpy(sitk.GetArrayFromImage(fixed).astype(np.float32))[None, None]
-    moving_tensor = torch.from_numpy(sitk.GetArrayFromImage(moving).astype(np.float32))[None, None]
-    with torch.inference_mode():
-        try:
-            displacement = module.to(device)(fixed_tensor.to(device), moving_tensor.to(device))
-        except torch.cuda.OutOfMemoryError:
-            if device.type != "cuda":
-                raise
-            warnings.warn("CUDA out of memory: registering on the CPU instead")
-            displacement = module.to("cpu")(fixed_tensor, moving_tensor)
-    return displacement_to_field(displacement[0].float().cpu().numpy(), fixed)
