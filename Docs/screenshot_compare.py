@@ -12,7 +12,7 @@ from pathlib import Path
 import SimpleITK as sitk
 import slicer
 
-from us3d.despeckle import ObnlmSettings, UnetSettings
+from us3d.despeckling import ObnlmSettings, UnetSettings
 from us3d.phantom import simulate_volume
 from us3dmrml.despeckle import despeckle_volume_node
 from us3dmrml.nodes import new_volume_node

@@ -52,7 +52,7 @@ def test_despeckle_sequence_and_metrics_json(phantom_files, tmp_path):
     assert code == 0, err
     report = json.loads(out)
     assert len(report["frames"]) == 2
-    assert set(report["mean"]) == {"enl", "smpi", "ssi", "cnr", "gcnr", "mse", "psnr", "ssim"}
+    assert set(report["mean"]) == {"enl", "smpi", "smpi_grey_levels", "ssi", "cnr", "gcnr", "mse", "psnr", "ssim"}
     assert report["mean"]["ssi"] < 1.0
 
 
@@ -139,14 +139,17 @@ def test_despeckle_with_bundled_unet_and_bad_model(sample_dir, tmp_path):
 
 def test_train_despeckle_writes_a_loadable_model_card_and_log(tmp_path):
     model = tmp_path / "tiny.pt"
-    code, out, err = run("train-despeckle", str(model), "--sequences", "1", "--frames", "1", "--steps", "2",
+    code, out, err = run("train-despeckle", str(model), "--standard", "1", "--varied", "1", "--steps", "2",
                          "--batch-size", "1", "--crop", "8", "32", "32", "--target", "clean")
     assert code == 0, err
     from us3d.models.bundle import load_model
 
     loaded = load_model(str(model))
     assert loaded.metadata["target"] == "clean" and loaded.metadata["training"]["steps"] == 2
-    assert "| phantom seed 9000 frame 0 |" in model.with_suffix(".md").read_text()
+    assert loaded.input_mapping == "standardise"
+    card = model.with_suffix(".md").read_text()
+    assert "| standard phantom seed 9000 frame 0 |" in card
+    assert "| varied simulator, j and i swapped | 6 |" in card
     assert len(model.with_suffix(".log.jsonl").read_text().splitlines()) == 1
     code, _, err = run("train-despeckle", str(tmp_path / "bad.pt"), "--crop", "8", "30", "32")
     assert code == 2 and "multiples of 16" in err
@@ -155,8 +158,8 @@ def test_train_despeckle_writes_a_loadable_model_card_and_log(tmp_path):
 def test_train_despeckle_data_parallel_under_torchrun(tmp_path):
     model = tmp_path / "ddp.pt"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(torchrun + ["-m", "us3d", "train-despeckle", str(model), "--sequences", "1", "--frames",
-                                      "1", "--steps", "2", "--batch-size", "1", "--crop", "8", "32", "32",
+    done = subprocess.run(torchrun + ["-m", "us3d", "train-despeckle", str(model), "--standard", "1", "--varied",
+                                      "0", "--steps", "2", "--batch-size", "1", "--crop", "8", "32", "32",
                                       "--threads", "1", "--cache", str(tmp_path / "cache"), "--target", "clean"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

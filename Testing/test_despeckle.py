@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from us3d.despeckle import Cancelled, ObnlmSettings, despeckle
+from us3d.despeckling import Cancelled, ObnlmSettings, despeckle
 from us3d.io import VolumeSequence
 
 

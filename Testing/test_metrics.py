@@ -8,15 +8,28 @@ from us3d.errors import InputError
 def test_smpi_hand_computed():
     original = np.array([0.0, 2.0, 4.0, 6.0])  # mean 3, var 5
     filtered = np.array([2.0, 3.0, 4.0, 5.0])  # mean 3.5, var 1.25
-    # Q = 1 + |3.5 - 3| = 1.5; sqrt(1.25 / 5) = 0.5
-    assert metrics.smpi(original, filtered) == pytest.approx(0.75)
+    # paper's scale: Q = 1 + |3.5 - 3| / sqrt(5); sqrt(1.25 / 5) = 0.5
+    assert metrics.smpi(original, filtered) == pytest.approx((1 + 0.5 / np.sqrt(5)) * 0.5)
+    # grey levels: Q = 1 + |3.5 - 3| = 1.5
+    assert metrics.smpi_grey_levels(original, filtered) == pytest.approx(0.75)
+
+
+def test_smpi_on_the_papers_scale_ignores_the_grey_level_scale():
+    rng = np.random.default_rng(0)
+    original = rng.gamma(2.0, 20.0, 1000)
+    filtered = 0.8 * original + 0.2 * original.mean() + 3.0
+    value = metrics.smpi(original, filtered)
+    assert metrics.smpi(original * 0.01 + 7, filtered * 0.01 + 7) == pytest.approx(value)
+    assert metrics.smpi_grey_levels(original * 0.01, filtered * 0.01) != pytest.approx(
+        metrics.smpi_grey_levels(original, filtered))
 
 
 def test_smpi_with_mask_uses_only_the_region():
     original = np.array([0.0, 2.0, 4.0, 6.0, 100.0])
     filtered = np.array([2.0, 3.0, 4.0, 5.0, -50.0])
     mask = np.array([True, True, True, True, False])
-    assert metrics.smpi(original, filtered, mask) == pytest.approx(0.75)
+    assert metrics.smpi(original, filtered, mask) == pytest.approx((1 + 0.5 / np.sqrt(5)) * 0.5)
+    assert metrics.smpi_grey_levels(original, filtered, mask) == pytest.approx(0.75)
 
 
 def test_enl_and_ssi_hand_computed():

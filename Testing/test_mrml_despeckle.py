@@ -35,7 +35,7 @@ def test_proxy_node_leads_to_its_sequence(scene, sequences_logic):
 def test_offscreen_slice_view_shows_the_volume_and_the_smoothing(scene):
     import numpy as np
 
-    from us3d.despeckle import ObnlmSettings
+    from us3d.despeckling import ObnlmSettings
     from us3dmrml.despeckle import despeckle_volume_node
     from us3dmrml.views import color_logic, render_slice, side_by_side
 

@@ -66,4 +66,4 @@ def test_module_file_imports_no_torch_at_import_time():
         names = {alias.name for node in top_level for alias in node.names} | \
                 {node.module for node in top_level if isinstance(node, ast.ImportFrom)}
         assert not any(name and (name.startswith("torch") or name.startswith("us3d.models") or
-                                 name in ("us3d.despeckle", "us3dmrml.despeckle")) for name in names)
+                                 name in ("us3d.despeckling", "us3dmrml.despeckle")) for name in names)

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from us3d.despeckle import Cancelled, UnetSettings, despeckle
+from us3d.despeckling import Cancelled, UnetSettings, despeckle
 from us3d.errors import InputError
 from us3d.io import VolumeSequence
 from us3d.models import bundle

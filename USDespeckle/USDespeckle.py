@@ -260,7 +260,7 @@ class USDespeckleLogic(ScriptedLoadableModuleLogic):
         return None
 
     def settings(self, params):
-        from us3d.despeckle import ObnlmSettings, UnetSettings
+        from us3d.despeckling import ObnlmSettings, UnetSettings
 
         if params.method == "U-Net":
             return UnetSettings(params.model)
@@ -268,7 +268,7 @@ class USDespeckleLogic(ScriptedLoadableModuleLogic):
 
     def process(self, params, progress=None, cancel=None):
         """Despeckle into new nodes; returns the run (output, SMPI, times), or None if cancelled."""
-        from us3d.despeckle import Cancelled
+        from us3d.despeckling import Cancelled
         from us3dmrml.despeckle import despeckle_sequence_node, despeckle_volume_node
         from us3dmrml.nodes import sequence_of_proxy_node
 

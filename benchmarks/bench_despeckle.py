@@ -95,7 +95,7 @@ def scaling(volume: np.ndarray, sizes, threads: int, folder: Path, methods) -> d
 
 def sequence_scaling(volume: np.ndarray, lengths, repeats: int) -> dict[str, dict[int, float]]:
     """Seconds to despeckle sequences of `lengths` frames through us3d.despeckle (OBNLM and U-Net)."""
-    from us3d.despeckle import ObnlmSettings, UnetSettings, despeckle
+    from us3d.despeckling import ObnlmSettings, UnetSettings, despeckle
     from us3d.io import VolumeSequence
 
     out = {}

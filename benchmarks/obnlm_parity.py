@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from us3d import metrics
-from us3d.despeckle import ObnlmSettings, despeckle_array
+from us3d.despeckling import ObnlmSettings, despeckle_array
 from us3d.phantom import simulate_volume
 
 INNER = (slice(None), slice(6, -6), slice(6, -6))  # away from the wrapped edges of np.roll

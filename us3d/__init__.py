@@ -1,27 +1,183 @@
 """us3d: speckle reduction, registration, metrics and simulation for 3D/4D ultrasound (the logic
 layer of the USDespeckle and USRegistration 3D Slicer modules). No Slicer, Qt or VTK imports here.
 
-Registration from Python::
+From Python::
 
     import us3d
-    result = us3d.register(fixed, moving)            # SimpleITK images
-    result.field, result.warped, result.mse_after    # ITK displacement field (LPS mm), warped moving
+    volume = us3d.read("liver.seq.nrrd")              # SimpleITK image, or a VolumeSequence for .seq.nrrd
+    smooth = us3d.despeckle(volume, "unet")           # same kind back: array, image or sequence
+    result = us3d.register(fixed, moving)             # SimpleITK images
+    result.field, result.warped, result.mse_after     # ITK displacement field (LPS mm), warped moving
+    us3d.metrics.smpi(original_array, smooth_array)   # the metrics, on numpy arrays
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import TYPE_CHECKING, Callable
 
 from us3d.options import DEFAULT_REFINE_STEPS
 
 if TYPE_CHECKING:  # torch and SimpleITK load only when a function is called
+    import numpy as np
     import SimpleITK as sitk
 
     from us3d.io import VolumeSequence
+    from us3d.phantom import PhantomSequence
     from us3d.registration.pairs import PairResult
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "register", "register_sequence"]
+__all__ = ["__version__", "read", "write", "despeckle", "register", "register_sequence", "simulate", "metrics"]
+
+
+def __getattr__(name: str):
+    if name == "metrics":  # imported on first use (it loads scikit-image)
+        return importlib.import_module("us3d.metrics")
+    raise AttributeError(f"module 'us3d' has no attribute {name!r}")
+
+
+def read(path: str | os.PathLike) -> "sitk.Image | VolumeSequence":
+    """Read a volume (.nrrd .nhdr .nii .nii.gz .mha .mhd) as a `SimpleITK.Image`, or a 4D sequence
+    (.seq.nrrd, as Slicer writes it) as a `us3d.io.VolumeSequence` (frames (t, k, j, i) + geometry).
+
+    Examples
+    --------
+    >>> volume = us3d.read("liver.seq.nrrd")  # doctest: +SKIP
+    >>> volume.frames.shape  # doctest: +SKIP
+    (8, 32, 128, 128)
+    """
+    from us3d.io import read_volume_or_sequence
+
+    return read_volume_or_sequence(path)
+
+
+def write(data: "sitk.Image | VolumeSequence", path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write an image (any volume format) or a sequence (.seq.nrrd) atomically: a failed write leaves
+    nothing behind. An existing file is refused unless `overwrite` is True.
+    """
+    from pathlib import Path
+
+    from us3d.errors import InputError
+    from us3d.io import VolumeSequence, atomic_outputs, is_sequence_path, write_any
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; choose a new file name or pass overwrite=True")
+    if isinstance(data, VolumeSequence) != is_sequence_path(path):
+        raise InputError("a sequence is written to a .seq.nrrd file, a volume to any other volume format")
+    if not path.parent.is_dir():
+        raise InputError(f"folder {path.parent} does not exist")
+    with atomic_outputs([path]) as (temporary,):
+        write_any(data, temporary)
+
+
+def despeckle(volume: "np.ndarray | sitk.Image | VolumeSequence", method: str = "obnlm", *, device: str = "auto",
+              model: str | None = None, mode: str | None = None, search_radius: int | None = None,
+              block_radius: int | None = None, h: float | None = None,
+              progress: Callable[[int, int], None] | None = None,
+              cancel: Callable[[], bool] | None = None) -> "np.ndarray | sitk.Image | VolumeSequence":
+    """Despeckle a volume or every frame of a 4D sequence; the input is never modified.
+
+    Parameters
+    ----------
+    volume : numpy array (k, j, i) or (t, k, j, i), SimpleITK.Image, or us3d.io.VolumeSequence
+        B-mode grey levels; k is the elevation (slice) axis, (j, i) the B-mode plane.
+    method : {"obnlm", "unet"}
+        "obnlm": the OBNLM filter (Coupe et al. 2009); "unet": a trained 3D dense U-Net.
+    device : {"auto", "cpu", "cuda"}
+    model : str, optional
+        U-Net only: a bundled model name ("unet-obnlm", the default, reproduces OBNLM; "unet-sim"
+        estimates the speckle-free echogenicity) or a .pt file.
+    mode : {"slicewise", "3d"}, optional
+        OBNLM only: each k-slice in 2D as the public implementation does (default), or 3D blocks.
+    search_radius : int, optional
+        OBNLM only: M, half-size of the search window in voxels (default 3).
+    block_radius : int, optional
+        OBNLM only: alpha, half-size of the compared blocks in voxels (default 1).
+    h : float, optional
+        OBNLM only: the smoothing parameter h (default 0.7).
+    progress : callable, optional
+        progress(frames_done, total) after each frame.
+    cancel : callable, optional
+        Returning True stops the run with `us3d.errors.Cancelled`.
+
+    Returns
+    -------
+    The same kind as `volume`: a float32 array of the same shape, an image with the same geometry,
+    or a sequence with the same frames and index values.
+
+    Examples
+    --------
+    >>> import numpy as np, us3d
+    >>> volume = np.random.default_rng(0).rayleigh(40.0, (8, 64, 64)).astype(np.float32)
+    >>> us3d.despeckle(volume).shape
+    (8, 64, 64)
+    >>> smooth = us3d.despeckle(volume, "unet", model="unet-obnlm")  # doctest: +SKIP
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from us3d.despeckling import ObnlmSettings, UnetSettings, despeckle as despeckle_data
+    from us3d.errors import InputError
+    from us3d.io import VolumeSequence
+    from us3d.options import DESPECKLE_METHODS
+
+    obnlm = {"mode": mode, "search_radius": search_radius, "block_radius": block_radius, "h": h}
+    if method == "obnlm":
+        if model is not None:
+            raise InputError("model applies to method='unet'")
+        settings = ObnlmSettings(**{k: v for k, v in obnlm.items() if v is not None})
+    elif method == "unet":
+        given = [k for k, v in obnlm.items() if v is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} apply to method='obnlm'")
+        settings = UnetSettings(model or UnetSettings.model)
+    else:
+        raise InputError(f"method must be one of {', '.join(DESPECKLE_METHODS)}, not {method!r}")
+    if isinstance(volume, (sitk.Image, VolumeSequence)):
+        return despeckle_data(volume, settings, device, progress, cancel).output
+    array = np.asarray(volume)
+    if array.ndim == 3:
+        image = sitk.GetImageFromArray(array)
+        return sitk.GetArrayFromImage(despeckle_data(image, settings, device, progress, cancel).output)
+    if array.ndim == 4:
+        return despeckle_data(VolumeSequence(array), settings, device, progress, cancel).output.frames
+    raise InputError(f"volume must be a (k, j, i) or (t, k, j, i) array, an image or a sequence, not a "
+                     f"{array.ndim}-dimensional array")
+
+
+def simulate(frames: int = 8, seed: int = 0, *, conditions: str = "standard",
+             progress: Callable[[int, int], None] | None = None) -> "PhantomSequence":
+    """Simulate a 4D B-mode liver sequence with breathing motion and its ground truth.
+
+    Parameters
+    ----------
+    frames : int
+        Number of frames; frame 0 is the exhale (reference) frame.
+    seed : int
+        Anatomy, scatterers and (for varied conditions) imaging and breathing are drawn from it.
+    conditions : {"standard", "varied", "sliding"}
+        "standard": 128x128x32 voxels of 0.4x0.3x0.8 mm (i, j, k), one probe configuration;
+        "varied": imaging and breathing drawn from wide ranges, depth along i half of the time;
+        "sliding": varied imaging, 16 mm breathing under a wall that does not follow.
+
+    Returns
+    -------
+    us3d.phantom.PhantomSequence
+        `.bmode` (t, k, j, i) uint8, `.echogenicity` (speckle-free truth), `.labels`,
+        `.displacement` (t, k, j, i, 3) in mm, (x, y, z): frame t's voxel came from x + d in frame 0;
+        `.to_sequence()` gives the B-mode as a `VolumeSequence`.
+
+    Examples
+    --------
+    >>> phantom = us3d.simulate(3, seed=1)  # doctest: +SKIP
+    >>> phantom.bmode.shape  # doctest: +SKIP
+    (3, 32, 128, 128)
+    """
+    from us3d.phantom.varied import simulate_conditions
+
+    return simulate_conditions(conditions, frames, seed, progress)
 
 
 def register(fixed: "sitk.Image", moving: "sitk.Image", *, method: str = "voxelmorph", preprocessing: str = "none",

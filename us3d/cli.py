@@ -88,7 +88,7 @@ def _check_kind_matches(data, output: Path) -> None:
 def cmd_despeckle(args: argparse.Namespace) -> int:
     import warnings
 
-    from us3d.despeckle import ObnlmSettings, UnetSettings, despeckle
+    from us3d.despeckling import ObnlmSettings, UnetSettings, despeckle
     from us3d.io import check_output_path, read_volume_or_sequence
 
     output = check_output_path(args.output, args.input)
@@ -151,6 +151,7 @@ def frame_metrics(original: np.ndarray, filtered: np.ndarray | None, labels: np.
     values: dict[str, float] = {"enl": metrics.enl(target)}
     if filtered is not None:
         values["smpi"] = metrics.smpi(original, filtered)
+        values["smpi_grey_levels"] = metrics.smpi_grey_levels(original, filtered)
         values["ssi"] = metrics.speckle_suppression_index(original, filtered)
     if labels is not None:
         a, b = labels == region, labels == versus
@@ -335,52 +336,23 @@ def cmd_train_despeckle(args: argparse.Namespace) -> int:
 
     import torch
 
-    from us3d.despeckle import ObnlmSettings
-    from us3d.devices import resolve_device
-    from us3d.models.bundle import MODELS_DIR, save_model, update_manifest, weights_sha256
-    from us3d.training.data import TRAINING_SEED_START, training_set, validation_set
-    from us3d.training.despeckle import (TrainingSettings, count_flops, model_card, train_despeckler,
-                                         training_metadata, validate, write_log_line)
+    from us3d.training.despeckle import TrainingSettings, train_despeckle_model
 
     output = _model_output(args.output)
     if args.crop[1] % 16 or args.crop[2] % 16:
         raise InputError("crop j and i must be multiples of 16")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    obnlm = ObnlmSettings()
-    cache = Path(args.cache) if args.cache else None
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    volumes = training_set(args.target, args.sequences, args.frames, obnlm, not args.no_real, cache)
     settings = TrainingSettings(args.steps, args.batch_size, tuple(args.crop), args.lr, args.seed)
-    log_path = output.with_suffix(".log.jsonl")
-    if rank0 and log_path.exists():
-        log_path.unlink()
     start = time.perf_counter()
-    model = train_despeckler(volumes, settings, device, write_log_line(log_path) if rank0 else None)
-    wall = time.perf_counter() - start
-    if not rank0:
-        return 0
-    seeds = f"{TRAINING_SEED_START}-{TRAINING_SEED_START + args.sequences - 1}"
-    data = {"sequences": args.sequences, "frames": args.frames, "seeds": seeds,
-            "real": None if args.no_real or args.target != "obnlm" else "SpinePhantomFreehandReconstructed.mha"}
-    metadata = training_metadata(args.target, obnlm, settings, data, wall, device.type,
-                                 int(os.environ.get("WORLD_SIZE", "1")))
-    model = model.cpu()
-    metadata["parameters"] = sum(p.numel() for p in model.parameters())
-    metadata["gflops_128x128x32"] = round(count_flops(model) / 1e9, 2)
-    validation = validate(model, validation_set(args.target, obnlm, cache), torch.device("cpu"))
-    metadata["validation"] = validation
-    digest = save_model(model, output, metadata)
-    name = output.stem
-    output.with_suffix(".md").write_text(model_card(name, dict(metadata, weights_sha256=weights_sha256(model)),
-                                                    validation))
-    if output.resolve().parent == MODELS_DIR.resolve():
-        update_manifest(name, output.name, digest, args.target)
+    validation = train_despeckle_model(output, args.target, settings, args.standard, args.varied, not args.no_real,
+                                       args.device, args.cache, args.threads)
     for row in validation:
         print(f"{row['volume']}: PSNR {row['psnr']:.2f} dB (input {row['psnr_identity']:.2f}), "
               f"SMPI {row['smpi_model']:.3f} vs target {row['smpi_target']:.3f}")
-    print(f"wrote {output}, {output.with_suffix('.md')}, {log_path} ({wall / 60:.1f} min)")
+    if validation:
+        print(f"wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.log.jsonl')} "
+              f"({(time.perf_counter() - start) / 60:.1f} min)")
     return 0
 
 
@@ -488,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("metrics", help="speckle and image-quality metrics",
                        description="SMPI/SSI of OUTPUT vs INPUT, ENL, CNR/gCNR between two labels, "
-                                   "MSE/PSNR/SSIM against a reference; per frame for sequences.")
+                                   "MSE/PSNR/SSIM against a reference; per frame for sequences. SMPI is on the "
+                                   "paper's scale (both volumes normalised by the input's mean and std); "
+                                   "smpi_grey_levels is the same index with the mean shift in grey levels.")
     p.add_argument("input", help="original volume or sequence")
     p.add_argument("output", nargs="?", help="filtered volume or sequence (optional)")
     p.add_argument("--labels", help="label map (same grid) for CNR and gCNR")
@@ -540,23 +514,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_register_sequence)
 
     p = sub.add_parser("train-despeckle", help="train the 3D dense U-Net despeckler",
-                       description="Train the 3D dense U-Net on simulated liver sequences (and the real spine "
-                                   "volume) to reproduce OBNLM or the clean echogenicity; writes OUTPUT.pt "
+                       description="Train the 3D dense U-Net on simulated liver volumes (standard and varied imaging) "
+                                   "and, for OBNLM, the real B-mode sources, to reproduce OBNLM or the clean echogenicity; writes OUTPUT.pt "
                                    "(TorchScript), OUTPUT.md (model card) and OUTPUT.log.jsonl. Under torchrun "
                                    "it trains data-parallel (DDP).")
     p.add_argument("output", help="model file to write (.pt); inside Resources/Models the manifest is updated")
     p.add_argument("--target", choices=("obnlm", "clean"), default="obnlm",
                    help="obnlm: the project's default OBNLM output; clean: the simulator's speckle-free truth")
-    p.add_argument("--sequences", type=_positive_int, default=24, help="simulated training sequences (default 24)")
-    p.add_argument("--frames", type=_positive_int, default=3, help="frames per sequence (default 3)")
-    p.add_argument("--no-real", action="store_true", help="leave out the real spine-phantom volume")
+    p.add_argument("--standard", type=_non_negative_int, default=8,
+                   help="simulated training volumes of the standard configuration (default 8)")
+    p.add_argument("--varied", type=_non_negative_int, default=48,
+                   help="simulated training volumes with imaging drawn from wide ranges (default 48)")
+    p.add_argument("--no-real", action="store_true", help="leave out the real B-mode sources (OBNLM target)")
     p.add_argument("--steps", type=_positive_int, default=3000, help="optimiser steps (default 3000)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="crops per step (default 4)")
-    p.add_argument("--crop", type=_positive_int, nargs=3, default=(32, 64, 64), metavar=("K", "J", "I"),
-                   help="crop size in voxels (default 32 64 64; J and I multiples of 16)")
+    p.add_argument("--crop", type=_positive_int, nargs=3, default=(16, 64, 64), metavar=("K", "J", "I"),
+                   help="crop size in voxels (default 16 64 64; J and I multiples of 16)")
     p.add_argument("--lr", type=_positive_float, default=2e-3, help="Adam learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--cache", help="folder to cache simulated volumes and OBNLM targets")
+    p.add_argument("--cache", help="folder to cache simulated volumes and held-out OBNLM targets")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's choice)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="compute device (default auto)")
     p.set_defaults(func=cmd_train_despeckle)

@@ -20,13 +20,13 @@ import SimpleITK as sitk
 import torch
 
 from us3d import __version__, metrics
-from us3d.despeckle import ObnlmSettings, UnetSettings, despeckle
-from us3d.io import VolumeSequence, atomic_outputs, read_volume, write_any
-from us3d.phantom import LABELS, frame_time_values, simulate_sequence
+from us3d.despeckling import ObnlmSettings, UnetSettings, despeckle
+from us3d.io import atomic_outputs, read_volume, write_any
+from us3d.phantom import LABELS, simulate_sequence
 from us3d.registration.fields import field_image
 from us3d.registration.pairs import Registrar, RegistrationSettings
 from us3d.resources import sample_data
-from us3d.views import display_window, write_comparison
+from us3d.views import write_comparison
 
 SPINE = "SpinePhantomFreehandReconstructed.mha"
 
@@ -62,8 +62,7 @@ def run_demo(outdir: Path, frames: int = 4, seed: int = 0, device: str = "auto",
 
     # 1. Simulated 4D liver sequence with known clean echogenicity and labels.
     phantom = simulate_sequence(frames, seed)
-    sequence = VolumeSequence(phantom.bmode, phantom.spacing,
-                              index_values=frame_time_values(frames, phantom.frame_interval))
+    sequence = phantom.to_sequence()
     liver = {name: despeckle(sequence, settings, device, progress=progress) for name, settings in methods.items()}
     rows += _liver_rows(phantom, "input", phantom.bmode, [])
     for name, result in liver.items():
@@ -75,7 +74,7 @@ def run_demo(outdir: Path, frames: int = 4, seed: int = 0, device: str = "auto",
     spine_in = sitk.GetArrayFromImage(spine).astype(np.float64)
     hull = spine_in > 0  # voxels inside the sweep; the rest of the volume is empty
     spine_out = {}
-    for name in ("OBNLM", "unet-obnlm"):
+    for name in methods:
         result = despeckle(spine, methods[name], device)
         spine_out[name] = result.output
         rows.append({"volume": "spine phantom (real, inside sweep)", "method": name,
@@ -101,6 +100,7 @@ def run_demo(outdir: Path, frames: int = 4, seed: int = 0, device: str = "auto",
                outdir / "liver_unet-sim.seq.nrrd": liver["unet-sim"].output,
                outdir / "spine_obnlm.nrrd": spine_out["OBNLM"],
                outdir / "spine_unet-obnlm.nrrd": spine_out["unet-obnlm"],
+               outdir / "spine_unet-sim.nrrd": spine_out["unet-sim"],
                outdir / "liver_warped_voxelmorph.seq.nrrd": warped_sequence}
     with atomic_outputs(list(outputs)) as temporaries:
         for temporary, data in zip(temporaries, outputs.values()):
@@ -110,8 +110,8 @@ def run_demo(outdir: Path, frames: int = 4, seed: int = 0, device: str = "auto",
                                    [liver[name].output.frames[0] for name in methods],
                                    phantom.spacing, str(outdir / "liver_frame0"), window=(0.0, 255.0))
     spine_views = write_comparison([spine_in.astype(np.float32)] +
-                                   [sitk.GetArrayFromImage(spine_out[name]) for name in ("OBNLM", "unet-obnlm")],
-                                   spine.GetSpacing(), str(outdir / "spine"), window=display_window(spine_in))
+                                   [sitk.GetArrayFromImage(spine_out[name]) for name in methods],
+                                   spine.GetSpacing(), str(outdir / "spine"))
     report = outdir / "report.md"
     text = _report(rows, methods["OBNLM"], liver["OBNLM"].device, liver_views, spine_views,
                    [p.name for p in outputs], frames, seed)
@@ -161,7 +161,8 @@ def _report(rows, settings, device, liver_views, spine_views, files, frames, see
         "128x128x32 voxels of 0.4x0.3x0.8 mm, breathing motion; never seen in training) and on a real 3D B-mode "
         "volume of a spine phantom (PLUS toolkit data, BSD-3-Clause).",
         "",
-        "SMPI: speckle suppression and mean preservation index of the output against the input (lower is better). "
+        "SMPI: speckle suppression and mean preservation index of the output against the input, on the paper's "
+        "scale (both normalised by the input's mean and std; lower is better). "
         "gCNR: lesions and cyst against liver parenchyma (1 = separable). PSNR: against the simulator's "
         "speckle-free echogenicity (ground truth, grey levels, peak 255). Run time: per volume.",
         "",
@@ -174,7 +175,8 @@ def _report(rows, settings, device, liver_views, spine_views, files, frames, see
     names = ("B-mode plane (k = centre)", "j = centre", "i = centre")
     lines += ["", "## Liver phantom, frame 0 (input | OBNLM | unet-obnlm | unet-sim)", ""]
     lines += [f"![{n}]({Path(p).name})" + "  " for n, p in zip(names, liver_views)]
-    lines += ["", "## Spine phantom (input | OBNLM | unet-obnlm)", ""]
+    lines += ["", "## Spine phantom (input | OBNLM | unet-obnlm | unet-sim; grey window: 1st-99.5th percentile of "
+              "the input's non-zero voxels in each view)", ""]
     lines += [f"![{n}]({Path(p).name})" + "  " for n, p in zip(names, spine_views)]
     lines += ["", "Volumes for 3D Slicer: " + ", ".join(f"`{name}`" for name in files) + ".", ""]
     return "\n".join(lines)

@@ -39,11 +39,24 @@ def _positive_variance(values: np.ndarray, name: str) -> float:
 
 
 def smpi(original: np.ndarray, filtered: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Speckle suppression and mean preservation index (lower is better).
+    """Speckle suppression and mean preservation index on the paper's scale (lower is better).
 
-    SMPI = Q * sqrt(var(filtered) / var(original)), Q = 1 + |mean(filtered) - mean(original)|.
-    Q is in the volumes' own intensity units, so both must be on the same scale.
+    SMPI = Q * sqrt(var(filtered) / var(original)) with both volumes first normalised by the
+    original's mean and std (the paper normalises every volume before anything else), so
+    Q = 1 + |mean(filtered) - mean(original)| / std(original): the mean shift in units of the
+    original's std. The value does not depend on the volumes' grey-level scale.
+    `smpi_grey_levels` gives the index with Q in grey levels.
     """
+    _same_shape(original, filtered)
+    o, r = _values(original, mask, "original"), _values(filtered, mask, "filtered volume")
+    variance = _positive_variance(o, "original")
+    q = 1.0 + abs(r.mean() - o.mean()) / np.sqrt(variance)
+    return float(q * np.sqrt(r.var() / variance))
+
+
+def smpi_grey_levels(original: np.ndarray, filtered: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """SMPI with Q = 1 + |mean(filtered) - mean(original)| in the volumes' own grey levels (so it
+    depends on their scale; `smpi` is the scale-free value the paper reports)."""
     _same_shape(original, filtered)
     o, r = _values(original, mask, "original"), _values(filtered, mask, "filtered volume")
     q = 1.0 + abs(r.mean() - o.mean())

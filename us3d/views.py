@@ -13,9 +13,10 @@ VIEW_NAMES = ("axial-k", "plane-j", "plane-i")
 
 
 def display_window(volume: np.ndarray) -> tuple[float, float]:
-    """Grey window (low, high) from the 0.5 and 99.5 percentiles of the non-zero voxels."""
+    """Grey window (low, high) from the 1st and 99.5th percentiles of the non-zero voxels (real
+    volumes often hold an empty outside region and a few bright reflectors)."""
     values = volume[volume != 0] if np.any(volume != 0) else volume.ravel()
-    low, high = np.percentile(values, [0.5, 99.5])
+    low, high = np.percentile(values, [1.0, 99.5])
     return float(low), float(max(high, low + 1e-6))
 
 
@@ -65,12 +66,15 @@ def write_png(image: np.ndarray, path: str | os.PathLike) -> None:
 
 def write_comparison(volumes: list[np.ndarray], spacing: tuple[float, float, float], prefix: str,
                      window: tuple[float, float] | None = None) -> list[str]:
-    """One PNG per orthogonal view: the volumes' centre slices side by side. Returns the paths."""
-    window = window or display_window(volumes[0])
+    """One PNG per orthogonal view: the volumes' centre slices side by side. Returns the paths.
+
+    Every image of a view shares one grey window: `window`, or by default `display_window` of the
+    first volume's slice in that view (so a mostly dark real volume stays readable)."""
     views = [centre_slices(v, spacing) for v in volumes]
     paths = []
     for index, name in enumerate(VIEW_NAMES):
         path = f"{prefix}-{name}.png"
-        write_png(side_by_side([to_grey(v[index], window) for v in views]), path)
+        shared = window or display_window(views[0][index])
+        write_png(side_by_side([to_grey(v[index], shared) for v in views]), path)
         paths.append(path)
     return paths

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from us3d import metrics
-from us3d.despeckle import ObnlmSettings, UnetSettings, despeckle
+from us3d.despeckling import ObnlmSettings, UnetSettings, despeckle
 from us3dmrml.nodes import image_from_volume_node, new_sequence_node, new_volume_node, sequence_from_sequence_node
 
 

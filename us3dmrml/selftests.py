@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from us3d.despeckle import Cancelled, ObnlmSettings, UnetSettings, despeckle_array
+from us3d.despeckling import Cancelled, ObnlmSettings, UnetSettings, despeckle_array
 from us3d.errors import InputError
 from us3d.registration.pairs import RegistrationSettings
 from us3d.registration.synthetic import shifted_blobs

@@ -36,6 +36,11 @@ class LoadedModel:
     path: Path
     name: str
 
+    @property
+    def input_mapping(self) -> str:
+        """How frames are normalised for this model (`us3d.models.inference.INPUT_MAPPINGS`)."""
+        return self.metadata.get("input_mapping", "standardise")
+
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()

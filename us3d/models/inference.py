@@ -1,8 +1,9 @@
 """U-Net inference on volumes of any size: normalisation, padding, tiling with blended seams.
 
-Volumes are (k, j, i) arrays and sequences (t, k, j, i). The model sees each frame
-mean-centred and divided by its standard deviation (statistics of the whole frame, so tiles
-agree), with j and i padded to multiples of 16; the output is scaled back and cropped.
+Volumes are (k, j, i) arrays and sequences (t, k, j, i). The model sees each frame shifted and
+scaled by one of INPUT_MAPPINGS, computed over the whole frame so that tiles agree, with j and i
+padded to multiples of 16; the output is scaled back and cropped. A model's metadata names its
+mapping ("input_mapping"; models without it were trained with "standardise").
 """
 
 from __future__ import annotations
@@ -23,11 +24,23 @@ DEFAULT_TILE = (64, 256, 256)
 TILE_OVERLAP = (8, 32, 32)
 
 
-def normalisation(volume: np.ndarray) -> tuple[float, float]:
-    """(mean, std) used to normalise a frame; std is 1 for a constant frame."""
-    mean = float(volume.mean(dtype=np.float64))
-    std = float(volume.std(dtype=np.float64))
-    return mean, std if std > 0 else 1.0
+#: How a frame is normalised for the model: "standardise" = (x - mean) / std; "obnlm-range" = OBNLM's own
+#: intensity mapping (min-max to [0, 255] + 100, see `us3d.filters.obnlm`) centred and divided by 64, so the
+#: model sees the grey levels OBNLM's weights depend on.
+INPUT_MAPPINGS = ("standardise", "obnlm-range")
+
+
+def normalisation(volume: np.ndarray, mapping: str = "standardise") -> tuple[float, float]:
+    """(offset, scale) with normalised = (volume - offset) / scale; scale is 1 for a constant frame."""
+    if mapping == "standardise":
+        offset, scale = float(volume.mean(dtype=np.float64)), float(volume.std(dtype=np.float64))
+    elif mapping == "obnlm-range":
+        low, high = float(volume.min()), float(volume.max())
+        # (x - low) / (high - low) * 255 + 100 is centred on 227.5 and divided by 64
+        offset, scale = low + (high - low) / 2, (high - low) * 64.0 / 255.0
+    else:
+        raise ValueError(f"input mapping must be one of {', '.join(INPUT_MAPPINGS)}, not {mapping!r}")
+    return offset, scale if scale > 0 else 1.0
 
 
 def _starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -108,16 +121,18 @@ def run_with_fallback(attempt: Callable[[torch.device, tuple[int, int, int], int
 
 
 def predict(module: torch.jit.ScriptModule, frames: np.ndarray, device: torch.device,
-            tile: tuple[int, int, int] = DEFAULT_TILE, batch_frames: int | None = None) -> np.ndarray:
+            tile: tuple[int, int, int] = DEFAULT_TILE, batch_frames: int | None = None,
+            mapping: str = "standardise") -> np.ndarray:
     """Despeckled frames (t, k, j, i) float32 from input frames (t, k, j, i), any real dtype.
 
-    On CUDA, frames are batched; out-of-memory errors are handled by `run_with_fallback`.
+    `mapping` is the model's input normalisation (INPUT_MAPPINGS). On CUDA, frames are batched;
+    out-of-memory errors are handled by `run_with_fallback`.
     """
     if frames.ndim != 4:
         raise ValueError("frames must be a (t, k, j, i) array")
     if batch_frames is None:
         batch_frames = 8 if device.type == "cuda" else 1
-    stats = [normalisation(frame) for frame in frames]
+    stats = [normalisation(frame, mapping) for frame in frames]
     normalised = np.stack([(frame.astype(np.float32) - m) / s for frame, (m, s) in zip(frames, stats)])
 
     def attempt(device: torch.device, tile: tuple[int, int, int], batch_frames: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ import torch
 from us3d.phantom.anatomy import LABELS, LiverAnatomy
 from us3d.phantom.motion import BreathingMotion, BreathingSettings
 from us3d.phantom.speckle import ImagingSetup, expected_bmode, form_envelope, log_compress
+
+if TYPE_CHECKING:
+    from us3d.io import VolumeSequence
 
 __all__ = ["LABELS", "BreathingSettings", "ImagingSetup", "PhantomSequence", "simulate_sequence", "simulate_volume"]
 
@@ -36,6 +39,13 @@ class PhantomSequence:
     @property
     def spacing(self) -> tuple[float, float, float]:
         return self.setup.spacing
+
+    def to_sequence(self) -> VolumeSequence:
+        """The B-mode frames as a `us3d.io.VolumeSequence` (spacing, frame times in s)."""
+        from us3d.io import VolumeSequence
+
+        return VolumeSequence(self.bmode, self.spacing,
+                              index_values=frame_time_values(len(self.bmode), self.frame_interval))
 
 
 def simulate_sequence(n_frames: int = 8, seed: int = 0, setup: ImagingSetup | None = None,

@@ -9,12 +9,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from us3d.io import VolumeSequence, atomic_outputs, is_sequence_path, write_any
-from us3d.phantom import PhantomSequence, frame_time_values
+from us3d.phantom import PhantomSequence
 
 
 def _as_sequence(phantom: PhantomSequence, frames: np.ndarray) -> VolumeSequence:
-    return VolumeSequence(frames, phantom.spacing,
-                          index_values=frame_time_values(len(frames), phantom.frame_interval))
+    return phantom.to_sequence().with_frames(frames)
 
 
 def _as_image(phantom: PhantomSequence, volume: np.ndarray) -> sitk.Image:

@@ -144,7 +144,7 @@ class Registrar:
             self._network = self._load_network()
 
     def _despeckle_settings(self):
-        from us3d.despeckle import ObnlmSettings, UnetSettings
+        from us3d.despeckling import ObnlmSettings, UnetSettings
 
         name = self.settings.preprocessing
         return {"obnlm": ObnlmSettings(), "unet": UnetSettings(self.settings.unet_model)}.get(name)
@@ -165,7 +165,7 @@ class Registrar:
 
     def preprocess(self, data: sitk.Image | VolumeSequence, cancel: Callable[[], bool] | None = None):
         """The volume or sequence as the registration sees it: float32, pre-processed."""
-        from us3d.despeckle import despeckle
+        from us3d.despeckling import despeckle
 
         name = self.settings.preprocessing
         if isinstance(data, VolumeSequence):

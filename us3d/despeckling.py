@@ -60,8 +60,10 @@ def _frame_runner(settings: ObnlmSettings | UnetSettings, device: str) -> tuple[
         from us3d.models.inference import predict
 
         model = load_model(settings.model, used)
-        predict(model.module, np.zeros((1, 4, 16, 16), np.float32), used)  # first call compiles
-        return (lambda frames: predict(model.module, frames, used)), (8 if used.type == "cuda" else 1), used.type
+        mapping = model.input_mapping
+        predict(model.module, np.zeros((1, 4, 16, 16), np.float32), used, mapping=mapping)  # first call compiles
+        return ((lambda frames: predict(model.module, frames, used, mapping=mapping)), (8 if used.type == "cuda" else 1),
+                used.type)
     # Compile (or load the cached) kernel first, so that per-frame times are compute times.
     despeckle_array(np.ones((1, 4, 4), np.float32) * np.arange(4), settings, device)
     return (lambda frames: np.stack([despeckle_array(f, settings, device) for f in frames])), 1, used.type
