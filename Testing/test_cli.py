@@ -24,6 +24,15 @@ def phantom_files(tmp_path_factory):
     return folder
 
 
+def test_output_folders_are_created_as_the_readme_writes_them(tmp_path):
+    """`--truth-dir truth/` from an empty folder (the README's command) creates the folder; a missing
+    parent is refused before any work."""
+    assert main(["phantom", str(tmp_path / "one.nrrd"), "--truth-dir", str(tmp_path / "truth") + "/"]) == 0
+    assert (tmp_path / "truth" / "displacement_000.mha").is_file()
+    code, _, err = run("phantom", tmp_path / "two.nrrd", "--truth-dir", tmp_path / "no" / "truth")
+    assert code == 2 and "does not exist" in err and not (tmp_path / "two.nrrd").exists()
+
+
 def test_phantom_writes_sequence_and_ground_truth(phantom_files):
     sequence = read_sequence(phantom_files / "liver.seq.nrrd")
     assert sequence.frames.shape == (2, 32, 128, 128) and sequence.frames.dtype == np.uint8

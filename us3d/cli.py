@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -197,6 +198,32 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- output folders --------------------------------------------------------------------------
+
+def _check_new_folder(folder: Path | None) -> None:
+    """An output folder may exist or be new; its parent must exist (checked before any work)."""
+    if folder is None:
+        return
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} exists and is not a folder")
+    if not folder.exists() and not folder.parent.is_dir():
+        raise InputError(f"folder {folder.parent} does not exist")
+
+
+@contextlib.contextmanager
+def _created_folder(folder: Path | None):
+    """Create `folder` if missing for the block; a failed block removes it again if it is left empty."""
+    created = folder is not None and not folder.exists()
+    if created:
+        folder.mkdir()
+    try:
+        yield
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
 # --- phantom ---------------------------------------------------------------------------------
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -207,10 +234,11 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     output = check_output_path(args.output)
     if args.frames > 1 and not is_sequence_path(output):
         raise InputError(f"{args.frames} frames make a 4D sequence: the output must end with .seq.nrrd")
-    if args.truth_dir and not Path(args.truth_dir).is_dir():
-        raise InputError(f"truth folder {args.truth_dir} does not exist")
+    truth = Path(args.truth_dir) if args.truth_dir else None
+    _check_new_folder(truth)
     phantom = simulate_conditions(args.conditions, args.frames, args.seed, progress=ProgressBar("phantom"))
-    written = write_phantom(phantom, output, args.truth_dir)
+    with _created_folder(truth):
+        written = write_phantom(phantom, output, truth)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -259,10 +287,7 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
     from us3d.registration.pairs import Registrar
 
     outdir = Path(args.outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(f"{outdir} exists and is not a folder")
-    if not outdir.parent.is_dir():
-        raise InputError(f"folder {outdir.parent} does not exist")
+    _check_new_folder(outdir)
     sequence = read_sequence(args.sequence)
     count = len(sequence)
     if not 0 <= args.moving_frame < count:
@@ -293,18 +318,11 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
                          "" if truths is None else f"{epe[0]:.4f}", "" if truths is None else f"{epe[1]:.4f}",
                          f"{result.seconds:.3f}"])
     warped = sequence.with_frames(np.stack([sitk.GetArrayFromImage(r.warped) for r in results]))
-    created = not outdir.exists()
-    outdir.mkdir(exist_ok=True)  # only now that every frame is registered
-    try:
-        with atomic_outputs(outputs) as temporaries:
-            write_any(warped, temporaries[0])
-            for temporary, result in zip(temporaries[1:-1], results):
-                write_any(result.field, temporary)
-            Path(temporaries[-1]).write_text(table.getvalue())
-    except BaseException:
-        if created and not any(outdir.iterdir()):
-            outdir.rmdir()
-        raise
+    with _created_folder(outdir), atomic_outputs(outputs) as temporaries:  # the folder only now that all is done
+        write_any(warped, temporaries[0])
+        for temporary, result in zip(temporaries[1:-1], results):
+            write_any(result.field, temporary)
+        Path(temporaries[-1]).write_text(table.getvalue())
     print(table.getvalue(), end="")
     others = [r for t, r in enumerate(results) if t != args.moving_frame] or results
     summary = (f"frame {args.moving_frame} registered to {count} frames with {args.method}: mean MSE "
