@@ -57,12 +57,13 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
 
 
 def warp(moving: sitk.Image, field: sitk.Image, interpolator: int = sitk.sitkLinear,
-         default_value: float = 0.0) -> sitk.Image:
+         default_value: float = 0.0, extrapolate: bool = False) -> sitk.Image:
     """moving(x + d(x)) on the field's (fixed) grid, float32; the moving volume's own geometry is
-    used, so fixed and moving may have different spacing, origin or direction."""
+    used, so fixed and moving may have different spacing, origin or direction. Where x + d(x) lies
+    outside the moving volume: `default_value`, or with `extrapolate` the nearest voxel's value."""
     check_field(field)
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))  # takes a copy
-    return sitk.Resample(moving, field, transform, interpolator, default_value, sitk.sitkFloat32)
+    return sitk.Resample(moving, field, transform, interpolator, default_value, sitk.sitkFloat32, extrapolate)
 
 
 def jacobian_determinant(field: sitk.Image) -> np.ndarray:

@@ -244,8 +244,12 @@ class Registrar:
         fixed_array = sitk.GetArrayViewFromImage(fixed_in).astype(np.float64)
         low, high = float(fixed_array.min()), float(fixed_array.max())
         before = _scaled_mse(fixed_array, sitk.GetArrayViewFromImage(moving_in).astype(np.float64), low, high)
-        # GetArrayFromImage, not a view: a view of a temporary image would outlive its buffer
-        after = _scaled_mse(fixed_array, sitk.GetArrayFromImage(warp(moving_in, field)).astype(np.float64), low, high)
+        # Where the field points outside the moving volume, the nearest edge value stands in, as the
+        # unwarped moving volume has data everywhere "before" is measured (zeros there made large
+        # motion look worse after registration). GetArrayFromImage, not a view: a view of a temporary
+        # image would outlive its buffer.
+        warped_in = sitk.GetArrayFromImage(warp(moving_in, field, extrapolate=True)).astype(np.float64)
+        after = _scaled_mse(fixed_array, warped_in, low, high)
         if truth is not None and truth_mask is None:
             truth_mask = source_inside(truth, moving)
         epe = endpoint_error(field, truth, truth_mask) if truth is not None else None

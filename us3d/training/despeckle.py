@@ -271,8 +271,29 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
     for row in validation:
         lines.append(f"| {row['volume']} | {row['psnr']:.2f} | {row['psnr_identity']:.2f} | {row['smpi_model']:.3f} "
                      f"| {row['smpi_target']:.3f} | {abs(row['smpi_model'] - row['smpi_target']):.3f} |")
+    if metadata["target"] == "clean":
+        lines += ["", "## On real data", "",
+                  "Its truth exists only in simulation, so on real B-mode the output can only be looked at: "
+                  "`benchmarks/unet-real.png` (written by `benchmarks/bench_unet.py`) shows the B-mode plane of the "
+                  "held-out MouseLiverB and of the spine-phantom reconstruction, left to right input | OBNLM | "
+                  "unet-obnlm | unet-sim. " + REAL_DATA_NOTE,
+                  "", "![input, OBNLM, unet-obnlm, unet-sim on real volumes](../../benchmarks/unet-real.png)"]
     lines += ["", "Reproduce: see `Resources/Models/README.md`; figures: `make bench`.", ""]
     return "\n".join(lines)
+
+
+#: What unet-sim's output looks like on real volumes (benchmarks/unet-real.png), for its model card.
+REAL_DATA_NOTE = ""
+
+
+def rewrite_model_card(path: str | os.PathLike) -> Path:
+    """Write the model card (.md beside `path`) again from the metadata stored in the model file."""
+    from us3d.models.bundle import load_model
+
+    loaded = load_model(str(path))
+    card = Path(path).with_suffix(".md")
+    card.write_text(model_card(Path(path).stem, loaded.metadata, loaded.metadata["validation"]))
+    return card
 
 
 def train_despeckle_model(output: str | os.PathLike, target: str, settings: TrainingSettings,
