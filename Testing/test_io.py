@@ -120,3 +120,18 @@ def test_failed_write_leaves_nothing(tmp_path):
             write_volume(_oblique_image()[0], temporaries[0])
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sequence_index_type_is_kept_through_a_file(tmp_path):
+    import pytest
+
+    from us3d.errors import InputError
+    from us3d.io import VolumeSequence, read_sequence, write_sequence
+
+    frames = np.zeros((2, 2, 3, 4), np.uint8)
+    assert VolumeSequence(frames, index_values=["0", "0.5"]).index_type == "numeric"
+    text = VolumeSequence(frames, index_values=["1", "2"], index_type="text")  # numbers, as text
+    write_sequence(text, tmp_path / "t.seq.nrrd")
+    assert read_sequence(tmp_path / "t.seq.nrrd").index_type == "text"
+    with pytest.raises(InputError, match="index type"):
+        VolumeSequence(frames, index_values=["exhale", "inhale"], index_type="numeric")

@@ -51,3 +51,21 @@ def test_offscreen_slice_view_shows_the_volume_and_the_smoothing(scene):
     assert after[inside].std() < 0.8 * before[inside].std()
     assert side_by_side([before, after]).shape == (160, 406, 3)
     del colors
+
+
+def test_text_indexed_sequence_keeps_its_index_type(scene):
+    """Frames named by text (e.g. breathing phases) stay text-indexed in the output sequence."""
+    from us3d.despeckling import ObnlmSettings
+    from us3dmrml.despeckle import despeckle_sequence_node
+    from us3dmrml.nodes import nodes_of_class
+
+    sequence, browser = selftests.add_sequence(scene, frames=2, index_values=["exhale", "inhale"], index_type="text")
+    run = despeckle_sequence_node(scene, sequence, ObnlmSettings(), "cpu", browser_node=browser)
+    try:
+        out = run.output_node
+        assert out.GetIndexTypeAsString() == "text"
+        assert [out.GetNthIndexValue(n) for n in range(2)] == ["exhale", "inhale"]
+        assert browser in nodes_of_class(scene, "vtkMRMLSequenceBrowserNode")
+    finally:
+        for node in (run.output_node, browser, sequence):
+            scene.RemoveNode(node)

@@ -75,6 +75,14 @@ class USDespeckleParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
 
 
+def dependencyMessage(missing: list[str]) -> str:
+    """What the status line says about missing Python packages ("" when nothing is missing)."""
+    if not missing:
+        return ""
+    return _("Missing Python packages: {names}. Click 'Install dependencies' "
+             "(PyTorch comes from the PyTorch extension).").format(names=", ".join(missing))
+
+
 class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -135,16 +143,19 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._updateDeviceChoices()  # connectGui has just refilled the device list
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
 
     def _updateDependencyState(self) -> None:
         missing = missing_packages()
         self.ui.installButton.visible = bool(missing)
-        if missing:
-            self.ui.statusLabel.text = _("Missing Python packages: {names}. Click 'Install dependencies' "
-                                         "(PyTorch comes from the PyTorch extension).").format(names=", ".join(missing))
-        cudaAvailable = not missing and self.logic.cudaAvailable()
+        self.ui.statusLabel.text = dependencyMessage(missing)
+        self._updateDeviceChoices()
+
+    def _updateDeviceChoices(self) -> None:
+        """Grey out "cuda" when PyTorch sees no GPU (again after every refill of the list)."""
+        cudaAvailable = not missing_packages() and self.logic.cudaAvailable()
         index = self.ui.deviceComboBox.findText("cuda")
         item = self.ui.deviceComboBox.model().item(index) if index >= 0 else None
         if item is not None:
@@ -208,10 +219,12 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.showSideBySide(self._parameterNode.inputVolume, self._parameterNode.outputVolume)
 
     def onInstallButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
-            self.logic.installDependencies()
-        self._updateDependencyState()
-        self._checkCanApply()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
+                self.logic.installDependencies()
+        finally:  # the state is shown afresh after a failed install too
+            self._updateDependencyState()
+            self._checkCanApply()
 
 
 class USDespeckleLogic(ScriptedLoadableModuleLogic):

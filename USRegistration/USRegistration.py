@@ -79,6 +79,7 @@ class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._running = False
         self._cancelRequested = False
+        self._runMessage = ""  # what the last run said; shown whenever Apply has nothing to object to
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -136,7 +137,7 @@ class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         reason = self.logic.whyNotApplicable(self._parameterNode)
         self.ui.applyButton.enabled = reason is None
         self.ui.applyButton.toolTip = reason or _("Register the moving volume to the fixed volume or frames")
-        self.ui.statusLabel.text = reason or ""
+        self.ui.statusLabel.text = reason or self._runMessage
         params = self._parameterNode
         self.ui.compareButton.enabled = None not in (params.fixedVolume, params.movingVolume, params.warpedVolume)
 
@@ -146,6 +147,7 @@ class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.text = _("Cancelling...")
             return
         self._running, self._cancelRequested = True, False
+        self._runMessage = ""
         self.ui.applyButton.text = _("Cancel")
         self.ui.progressBar.setValue(0)
 
@@ -163,7 +165,7 @@ class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
                 run = self.logic.process(self._parameterNode, progress, cancel)
                 if run is None:
-                    self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+                    self._runMessage = _("Cancelled; nothing was added to the scene.")
                 else:
                     self._showResults(run)
         finally:
@@ -181,7 +183,7 @@ class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for column, text in enumerate(texts):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
         if any(result.resampled for result in run.results):
-            self.ui.statusLabel.text = _("The moving volume was on another grid: it was resampled onto the fixed grid.")
+            self._runMessage = _("The moving volume was on another grid: it was resampled onto the fixed grid.")
 
     def onCompareButton(self) -> None:
         params = self._parameterNode
@@ -190,10 +192,12 @@ class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInstallButton(self) -> None:
         from USDespeckle import USDespeckleLogic  # one installer for the extension's modules
 
-        with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
-            USDespeckleLogic.installDependencies()
-        self.ui.installButton.visible = bool(missing_packages())
-        self._checkCanApply()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
+                USDespeckleLogic.installDependencies()
+        finally:  # the state is shown afresh after a failed install too
+            self.ui.installButton.visible = bool(missing_packages())
+            self._checkCanApply()
 
 
 class USRegistrationLogic(ScriptedLoadableModuleLogic):

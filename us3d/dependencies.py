@@ -19,5 +19,7 @@ REQUIRED = ("numpy", "SimpleITK", "torch", *PIP_REQUIREMENTS)
 
 
 def missing_packages() -> list[str]:
-    """Import names of the required packages that cannot be imported here."""
+    """Import names of the required packages that cannot be imported here (asked afresh: the import
+    system's caches are cleared first, so packages installed since are seen)."""
+    importlib.invalidate_caches()
     return [name for name in REQUIRED if importlib.util.find_spec(name) is None]

@@ -36,6 +36,7 @@ class VolumeSequence:
     index_values: list[str] | None = None
     index_name: str = "time"
     index_unit: str = "s"
+    index_type: str | None = None  # "numeric" or "text" (Slicer's index types); None: numeric if every value is
 
     def __post_init__(self) -> None:
         if self.frames.ndim != 4:
@@ -44,6 +45,11 @@ class VolumeSequence:
             self.index_values = [str(t) for t in range(len(self.frames))]
         if len(self.index_values) != len(self.frames):
             raise InputError("a sequence needs one index value per frame")
+        if self.index_type is None:
+            self.index_type = "numeric" if _all_numeric(self.index_values) else "text"
+        if self.index_type not in ("numeric", "text") or (self.index_type == "numeric"
+                                                          and not _all_numeric(self.index_values)):
+            raise InputError(f"index type {self.index_type!r} does not fit the index values (numeric or text)")
         self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
 
     def __len__(self) -> int:
@@ -63,14 +69,15 @@ class VolumeSequence:
 
     @classmethod
     def from_images(cls, images: list[sitk.Image], index_values: list[str] | None = None,
-                    index_name: str = "time", index_unit: str = "s") -> "VolumeSequence":
+                    index_name: str = "time", index_unit: str = "s",
+                    index_type: str | None = None) -> "VolumeSequence":
         reference = images[0]
         for image in images[1:]:
             if image.GetSize() != reference.GetSize():
                 raise InputError("all frames of a sequence must have the same size")
         frames = np.stack([sitk.GetArrayFromImage(image) for image in images])
         return cls(frames, reference.GetSpacing(), reference.GetOrigin(),
-                   np.array(reference.GetDirection()).reshape(3, 3), index_values, index_name, index_unit)
+                   np.array(reference.GetDirection()).reshape(3, 3), index_values, index_name, index_unit, index_type)
 
 
 def to_image(array: np.ndarray, geometry: "sitk.Image | VolumeSequence") -> sitk.Image:
@@ -181,8 +188,9 @@ def read_sequence(path: str | os.PathLike) -> VolumeSequence:
     index_name = labels[list_axis] if labels and labels[list_axis] else "time"
     units = header.get("units")
     index_unit = units[list_axis] if units and units[list_axis] else "s"
+    index_type = header.get(f"axis {list_axis} index type")
     return VolumeSequence(np.ascontiguousarray(frames), tuple(spacing), tuple(origin), direction,
-                          index_values, index_name, index_unit)
+                          index_values, index_name, index_unit, index_type if index_type in ("numeric", "text") else None)
 
 
 def write_sequence(sequence: VolumeSequence, path: str | os.PathLike) -> None:
@@ -198,7 +206,7 @@ def write_sequence(sequence: VolumeSequence, path: str | os.PathLike) -> None:
         "space origin": np.asarray(sequence.origin, dtype=float),
         "encoding": "gzip",
         "DataNodeClassName": "vtkMRMLScalarVolumeNode",
-        "axis 3 index type": "numeric" if _all_numeric(sequence.index_values) else "text",
+        "axis 3 index type": sequence.index_type,
         "axis 3 index values": " ".join(sequence.index_values),
     }
     # NRRD lists the fastest axis first, so (i, j, k, list) is (t, k, j, i) in C order.

@@ -113,7 +113,8 @@ def sequence_from_sequence_node(node) -> VolumeSequence:
     index_values = [node.GetNthIndexValue(n) for n in range(count)]
     return VolumeSequence(np.stack(frames), first.GetSpacing(), first.GetOrigin(),
                           np.reshape(first.GetDirection(), (3, 3)), index_values=index_values,
-                          index_name=node.GetIndexName(), index_unit=node.GetIndexUnit())
+                          index_name=node.GetIndexName(), index_unit=node.GetIndexUnit(),
+                          index_type=node.GetIndexTypeAsString())
 
 
 def new_sequence_node(scene, sequence: VolumeSequence, name: str):
@@ -122,6 +123,7 @@ def new_sequence_node(scene, sequence: VolumeSequence, name: str):
     node.SetName(scene.GenerateUniqueName(name))
     node.SetIndexName(sequence.index_name)
     node.SetIndexUnit(sequence.index_unit)
+    node.SetIndexTypeFromString(sequence.index_type)
     for n, value in enumerate(sequence.index_values):
         frame = slicer.vtkMRMLScalarVolumeNode()
         _set_voxels(frame, sequence.frames[n])
@@ -136,11 +138,17 @@ def sequence_of_proxy_node(scene, node) -> tuple[object, object]:
     browser in `scene`, else (None, None). This is how a 4D volume shows up in Slicer."""
     if node is None:
         return None, None
-    browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
-    for n in range(browsers.GetNumberOfItems()):
-        browser = browsers.GetItemAsObject(n)
+    for browser in nodes_of_class(scene, "vtkMRMLSequenceBrowserNode"):
         if browser.IsProxyNodeID(node.GetID()):
             sequence = browser.GetSequenceNode(node)
             if sequence is not None:
                 return sequence, browser
     return None, None
+
+
+def nodes_of_class(scene, class_name: str) -> list:
+    """The scene's nodes of `class_name`; the collection the scene hands out is released (it is a
+    new reference that Python would otherwise leak)."""
+    collection = scene.GetNodesByClass(class_name)
+    collection.UnRegister(None)
+    return [collection.GetItemAsObject(n) for n in range(collection.GetNumberOfItems())]

@@ -56,11 +56,12 @@ def register_sequence_node(scene, fixed_sequence, moving_node, settings: Registr
     values = frames.index_values
     name = f"{moving_node.GetName()} to {fixed_sequence.GetName()}"
     warped_frames = VolumeSequence.from_images([r.warped for r in results], values, fixed_sequence.GetIndexName(),
-                                               fixed_sequence.GetIndexUnit())
+                                               fixed_sequence.GetIndexUnit(), fixed_sequence.GetIndexTypeAsString())
     transforms = slicer.vtkMRMLSequenceNode()
     transforms.SetName(scene.GenerateUniqueName(f"{name} displacement"))
     transforms.SetIndexName(fixed_sequence.GetIndexName())
     transforms.SetIndexUnit(fixed_sequence.GetIndexUnit())
+    transforms.SetIndexType(fixed_sequence.GetIndexType())
     for result, value in zip(results, values):
         grid = slicer.vtkMRMLGridTransformNode()
         grid.SetAndObserveTransformFromParent(grid_transform_from_field(result.field))

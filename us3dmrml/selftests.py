@@ -55,22 +55,23 @@ def add_volume(scene, array: np.ndarray, name: str = "US volume"):
     return node
 
 
-def sequence_node(arrays: list[np.ndarray], index_values: list[str], name: str):
+def sequence_node(arrays: list[np.ndarray], index_values: list[str], name: str, index_type: str = "numeric"):
     """A sequence node (not in a scene) of volume nodes on the oblique test geometry."""
     sequence = slicer.vtkMRMLSequenceNode()
     sequence.SetName(name)
+    sequence.SetIndexTypeFromString(index_type)
     for array, value in zip(arrays, index_values):
         sequence.SetDataNodeAtValue(volume_node(array), value)
     return sequence
 
 
 def add_sequence(scene, frames: int = 5, name: str = "US sequence", arrays: list[np.ndarray] | None = None,
-                 index_values: list[str] | None = None):
+                 index_values: list[str] | None = None, index_type: str = "numeric"):
     """A sequence and its browser: `arrays` (default: `frames` speckle volumes) with `index_values`
     (default 0, 0.2, ...)."""
     arrays = arrays if arrays is not None else [speckle_volume(seed=t) for t in range(frames)]
     values = index_values or [f"{0.2 * t:g}" for t in range(len(arrays))]
-    sequence = sequence_node(arrays, values, name)
+    sequence = sequence_node(arrays, values, name, index_type)
     scene.AddNode(sequence)
     browser = slicer.vtkMRMLSequenceBrowserNode()
     browser.SetName(name + " browser")
