@@ -69,3 +69,11 @@ def test_text_indexed_sequence_keeps_its_index_type(scene):
     finally:
         for node in (run.output_node, browser, sequence):
             scene.RemoveNode(node)
+
+
+def test_background_process_gives_the_same_output_with_progress(scene, sequences_logic):
+    selftests.scenario_background_volume_and_sequence(scene, sequences_logic)
+
+
+def test_background_cancel_and_failure_leave_nothing(scene):
+    selftests.scenario_background_cancel_and_failure(scene)

@@ -90,8 +90,8 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
+        self._job = None  # the background run in progress, if any
+        self._timer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -107,10 +107,14 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
         self.ui.resultsTable.setHorizontalHeaderLabels([_("frame"), _("SMPI"), _("time (s)"), _("device")])
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self._onTimer)
         self._updateDependencyState()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._cancelJob()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -123,6 +127,7 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._cancelJob()  # its nodes would belong to the scene being closed
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -163,7 +168,7 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setToolTip("" if cudaAvailable else _("No CUDA GPU is available to PyTorch"))
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._running or not self._parameterNode:
+        if self._job is not None or not self._parameterNode:
             return
         params = self._parameterNode
         self.ui.obnlmGroupBox.enabled = params.method == "OBNLM"
@@ -174,36 +179,59 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.compareButton.enabled = params.inputVolume is not None and params.outputVolume is not None
 
     def onApplyButton(self) -> None:
-        if self._running:
-            self._cancelRequested = True
-            self.ui.applyButton.text = _("Cancelling...")
+        """Apply starts a background process; while it runs, the button is Cancel."""
+        if self._job is not None:
+            self._cancelJob()
             return
-        self._running, self._cancelRequested = True, False
-        self.ui.applyButton.text = _("Cancel")
         self.ui.statusLabel.text = ""
         self.ui.progressBar.setValue(0)
+        with slicer.util.tryWithErrorDisplay(_("Despeckling failed."), waitCursor=True):
+            self._job = self.logic.startProcess(self._parameterNode)
+        self._setRunning(True)
+        self._timer.start()
 
-        def progress(done, total):
+    def _setRunning(self, running: bool) -> None:
+        """While a run is live, only Cancel can be clicked: no input, method, install or compare."""
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.installButton,
+                       self.ui.compareButton):
+            widget.enabled = not running
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.enabled = True
+        if not running:
+            self._checkCanApply()
+
+    def _onTimer(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        progress = job.run.progress()
+        if progress is not None:
+            done, total = progress
             self.ui.progressBar.setMaximum(total)
             self.ui.progressBar.setValue(done)
             self.ui.progressBar.setFormat(_("frame {done}/{total}").format(done=done, total=total))
-            slicer.app.processEvents()
-
-        def cancel():
-            slicer.app.processEvents()
-            return self._cancelRequested
-
+        if not job.run.poll():
+            return
+        self._timer.stop()
+        self._job = None
         try:
             with slicer.util.tryWithErrorDisplay(_("Despeckling failed."), waitCursor=True):
-                run = self.logic.process(self._parameterNode, progress, cancel)
-                if run is None:
-                    self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
-                else:
-                    self._showResults(run)
+                self._showResults(self.logic.finishProcess(self._parameterNode, job))
         finally:
-            self._running = False
-            self.ui.applyButton.text = _("Apply")
-            self._checkCanApply()
+            self._setRunning(False)
+
+    def _cancelJob(self) -> None:
+        """Kill the background run, if any; nothing is added to the scene."""
+        if self._job is None:
+            return
+        if self._timer is not None:
+            self._timer.stop()
+        job, self._job = self._job, None
+        job.run.cancel()
+        self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+        self.ui.progressBar.setValue(0)
+        self._setRunning(False)
 
     def _showResults(self, run) -> None:
         table = self.ui.resultsTable
@@ -278,6 +306,37 @@ class USDespeckleLogic(ScriptedLoadableModuleLogic):
         if params.method == "U-Net":
             return UnetSettings(params.model)
         return ObnlmSettings(params.mode, params.searchRadius, params.blockRadius, params.h)
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """Slicer's Python launcher for child processes (sys.executable outside Slicer)."""
+        import shutil
+
+        return shutil.which("PythonSlicer") or sys.executable
+
+    def startProcess(self, params):
+        """Start despeckling the input (every frame of its sequence, with allFrames) in a background
+        process; returns the job for `finishProcess` (poll `job.run`; `job.run.cancel()` stops it)."""
+        from us3dmrml.despeckle import start_despeckle
+        from us3dmrml.nodes import sequence_of_proxy_node
+
+        sequence, browser = sequence_of_proxy_node(slicer.mrmlScene, params.inputVolume)
+        allFrames = sequence is not None and params.allFrames
+        return start_despeckle(sequence if allFrames else params.inputVolume, self.settings(params), params.device,
+                               sequence=allFrames, python=self.pythonExecutable(),
+                               browser_node=browser if allFrames else None)
+
+    def finishProcess(self, params, job):
+        """The finished job's output as new nodes (selected as the output); raises the worker's error."""
+        from us3dmrml.despeckle import finish_despeckle
+
+        if job.browser is not None:
+            run = finish_despeckle(slicer.mrmlScene, job, slicer.modules.sequences.logic())
+            params.outputVolume = job.browser.GetProxyNode(run.output_node)
+        else:
+            run = finish_despeckle(slicer.mrmlScene, job)
+            params.outputVolume = run.output_node
+        return run
 
     def process(self, params, progress=None, cancel=None):
         """Despeckle into new nodes; returns the run (output, SMPI, times), or None if cancelled."""

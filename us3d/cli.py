@@ -93,6 +93,12 @@ def cmd_despeckle(args: argparse.Namespace) -> int:
     from us3d.io import check_output_path, read_volume_or_sequence
 
     output = check_output_path(args.output, args.input)
+    report = Path(args.report) if args.report else None
+    if report is not None:
+        if report.suffix != ".json" or not report.parent.is_dir():
+            raise InputError(f"--report must be a .json file in an existing folder, not {report}")
+        if report.resolve() == Path(args.input).resolve():
+            raise InputError(f"--report {report} is the input; choose another name")
     if args.method == "unet":
         from us3d.models.bundle import resolve_model
 
@@ -105,11 +111,26 @@ def cmd_despeckle(args: argparse.Namespace) -> int:
     else:
         settings = ObnlmSettings(args.mode, args.search_radius, args.block_radius, args.h)
         described = f"OBNLM {settings.mode} M={settings.search_radius} alpha={settings.block_radius} h={settings.h}"
+    caught: list[str] = []
+
+    def show(message, *rest) -> None:
+        caught.append(str(message))
+        print(f"us3d despeckle: warning: {message}", file=sys.stderr)
+
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *rest: print(f"us3d despeckle: warning: {message}", file=sys.stderr)
+        warnings.showwarning = show
         result = despeckle(data, settings, args.device, progress=ProgressBar("despeckle"))
-    _write(result.output, output)
+    if report is None:
+        _write(result.output, output)
+    else:
+        from us3d.io import atomic_outputs, write_any
+
+        with atomic_outputs([output, report]) as (temporary, temporary_report):
+            write_any(result.output, temporary)
+            Path(temporary_report).write_text(json.dumps({
+                "method": described, "device": result.device, "seconds_per_frame": result.seconds_per_frame,
+                "warnings": caught}, indent=1))
     frames = len(result.seconds_per_frame)
     print(f"wrote {output} ({frames} frame{'s' if frames > 1 else ''}, {described}, "
           f"{np.median(result.seconds_per_frame):.2f} s per frame on {result.device})")
@@ -469,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block radius alpha in voxels, >= 1 (default 1: 3x3 blocks)")
     p.add_argument("--h", type=_positive_float, default=0.7, help="smoothing parameter h (default 0.7)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="compute device (default auto)")
+    p.add_argument("--report", help="also write a JSON file: method, device, seconds per frame, warnings")
     p.set_defaults(func=cmd_despeckle)
 
     p = sub.add_parser("models", help="list the bundled models and check their files",

@@ -8,6 +8,7 @@ failure and removes the nodes it added.
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,7 +19,7 @@ from us3d.despeckling import Cancelled, ObnlmSettings, UnetSettings, despeckle_a
 from us3d.errors import InputError
 from us3d.registration.pairs import RegistrationSettings
 from us3d.registration.synthetic import shifted_blobs
-from us3dmrml.despeckle import despeckle_sequence_node, despeckle_volume_node
+from us3dmrml.despeckle import despeckle_sequence_node, despeckle_volume_node, finish_despeckle, start_despeckle
 from us3dmrml.nodes import _set_geometry, _set_voxels, array_from_volume_node
 
 SPACING = (0.4, 0.3, 0.8)
@@ -353,3 +354,71 @@ def scenario_voxelmorph_tracks_simulated_breathing(scene) -> None:
 REGISTRATION_SCENARIOS = ((scenario_grid_transform_reproduces_warp, False), (scenario_registration_sequence, True),
                           (scenario_registration_cancel_leaves_scene_unchanged, False),
                           (scenario_voxelmorph_tracks_simulated_breathing, False))
+
+
+def _wait(run, seconds: float = 300.0) -> None:
+    """Poll a background run as the module's QTimer does, until it is done."""
+    end = time.monotonic() + seconds
+    while not run.poll():
+        if time.monotonic() > end:
+            run.cancel()
+            raise AssertionError("the background run did not finish in time")
+        time.sleep(0.1)
+
+
+def _node_count(scene) -> int:
+    return scene.GetNumberOfNodes()
+
+
+def scenario_background_volume_and_sequence(scene, sequences_logic=None) -> None:
+    """A child process despeckles a volume and a sequence: the same output as in this process, with
+    per-frame progress, and no temporary folder left behind."""
+    settings = ObnlmSettings(search_radius=2)
+    array = speckle_volume()
+    node = add_volume(scene, array)
+    job = start_despeckle(node, settings, "cpu")
+    _wait(job.run)
+    run = finish_despeckle(scene, job)
+    sequence, browser = add_sequence(scene, frames=3)
+    job = start_despeckle(sequence, settings, "cpu", sequence=True, browser_node=browser)
+    _wait(job.run)
+    progress = job.run.progress()
+    frames = finish_despeckle(scene, job, sequences_logic)
+    try:
+        np.testing.assert_allclose(array_from_volume_node(run.output_node),
+                                   despeckle_array(array.astype(np.float32), settings, "cpu"), atol=1e-4)
+        np.testing.assert_allclose(ijk_to_ras(run.output_node), ijk_to_ras(node), atol=1e-9)
+        assert len(run.smpi) == 1 and run.device == "cpu" and run.seconds_per_frame[0] > 0
+        assert progress == (3, 3), progress
+        out = frames.output_node
+        assert [out.GetNthIndexValue(n) for n in range(3)] == [sequence.GetNthIndexValue(n) for n in range(3)]
+        assert browser.IsSynchronizedSequenceNodeID(out.GetID()) and len(frames.smpi) == 3
+        assert not job.run.folder.exists(), "the temporary folder was left behind"
+    finally:
+        _remove(scene, node, run.output_node, browser.GetProxyNode(frames.output_node), browser.GetProxyNode(sequence),
+                browser, frames.output_node, sequence)
+
+
+def scenario_background_cancel_and_failure(scene) -> None:
+    """Cancel kills the child and leaves the scene and the disk as they were; a failing child gives
+    its own error message and leaves nothing either."""
+    sequence, browser = add_sequence(scene, frames=5)
+    before = _node_count(scene)
+    try:
+        job = start_despeckle(sequence, ObnlmSettings(search_radius=7, block_radius=3), "cpu", sequence=True)
+        job.run.cancel()
+        assert job.run.process.returncode is not None and not job.run.folder.exists()
+        assert _node_count(scene) == before
+        node = add_volume(scene, speckle_volume())
+        before = _node_count(scene)
+        job = start_despeckle(node, UnetSettings("no-such-model.pt"), "cpu")
+        _wait(job.run)
+        try:
+            finish_despeckle(scene, job)
+        except InputError as error:
+            assert "no-such-model.pt" in str(error), str(error)
+        else:
+            raise AssertionError("a failing worker did not raise")
+        assert not job.run.folder.exists() and _node_count(scene) == before
+    finally:
+        _remove(scene, browser.GetProxyNode(sequence), browser, sequence, scene.GetFirstNodeByName("US volume"))
