@@ -283,3 +283,30 @@ def test_train_register_writes_a_loadable_model_and_card(tmp_path):
     assert loaded.metadata["preprocessing"] == ["none"]
     assert "endpoint error" in (tmp_path / "vm.md").read_text()
     assert len((tmp_path / "vm.log.jsonl").read_text().splitlines()) == 1
+
+
+def test_register_sequence_with_a_separate_moving_volume(phantom_files, tmp_path):
+    import csv
+
+    sequence = read_sequence(phantom_files / "liver.seq.nrrd")
+    sitk.WriteImage(sequence.frame_image(0), str(tmp_path / "moving.nrrd"))
+    code, out, err = run("register-sequence", phantom_files / "liver.seq.nrrd", tmp_path / "out", "--moving-volume",
+                         tmp_path / "moving.nrrd", "--method", "translation", "--refine-steps", "0")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+    assert len(rows) == 2 and rows[0]["resampled"] == "0" and "moving.nrrd registered to 2 frames" in out
+    assert float(rows[0]["mse_after"]) < 1e-6  # frame 0 onto itself
+    code, _, err = run("register-sequence", phantom_files / "liver.seq.nrrd", tmp_path / "out2", "--moving-volume",
+                       tmp_path / "moving.nrrd", "--moving-frame", "1")
+    assert code == 2 and "not both" in err and not (tmp_path / "out2").exists()
+
+
+def test_despeckle_report(tmp_path, phantom_files):
+    code, _, err = run("despeckle", phantom_files / "liver.seq.nrrd", tmp_path / "out.seq.nrrd", "--report",
+                       tmp_path / "report.json", "--search-radius", "2")
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["device"] == "cpu" and len(report["seconds_per_frame"]) == 2 and report["warnings"] == []
+    code, _, err = run("despeckle", phantom_files / "liver.seq.nrrd", tmp_path / "o.seq.nrrd", "--report",
+                       tmp_path / "report.txt")
+    assert code == 2 and ".json" in err and not (tmp_path / "o.seq.nrrd").exists()

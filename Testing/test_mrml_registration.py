@@ -38,3 +38,7 @@ def test_the_mrml_layer_registers_sequences_through_the_one_us3d_implementation(
     monkeypatch.setattr(Registrar, "register_sequence", counted)
     selftests.scenario_registration_sequence(scene, sequences_logic)
     assert len(calls) == 1 and calls[0].method == "demons"
+
+
+def test_background_registration_of_a_volume_and_a_sequence(scene, sequences_logic):
+    selftests.scenario_background_registration(scene, sequences_logic)

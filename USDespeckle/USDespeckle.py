@@ -83,15 +83,88 @@ def dependencyMessage(missing: list[str]) -> str:
              "(PyTorch comes from the PyTorch extension).").format(names=", ".join(missing))
 
 
-class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class BackgroundRunMixin:
+    """Apply / Cancel of a background run for a module widget (USDespeckle and USRegistration).
+
+    Apply calls a start function that returns a job with a `run` (us3dmrml.background.BackgroundRun);
+    a QTimer polls it into the progress bar; Apply becomes Cancel, which kills the process; the
+    widgets of `lockedWhileRunning()` are disabled meanwhile; `finishRun(job)` makes the outputs.
+    The widget provides `ui.applyButton`, `ui.progressBar`, `ui.statusLabel`, `_checkCanApply()`,
+    `lockedWhileRunning()` and `finishRun(job)`, and calls `setupBackgroundRun()` in setup.
+    """
+
+    def setupBackgroundRun(self) -> None:
+        self._job = None
+        self._failureTitle = ""
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self._onTimer)
+
+    def isRunning(self) -> bool:
+        return getattr(self, "_job", None) is not None
+
+    def applyOrCancel(self, start, failureTitle: str) -> None:
+        if self.isRunning():
+            self.cancelRun()
+            return
+        self.ui.statusLabel.text = ""
+        self.ui.progressBar.setValue(0)
+        self._failureTitle = failureTitle
+        with slicer.util.tryWithErrorDisplay(failureTitle, waitCursor=True):
+            self._job = start()
+        self._setRunning(True)
+        self._timer.start()
+
+    def _setRunning(self, running: bool) -> None:
+        for widget in self.lockedWhileRunning():
+            widget.enabled = not running
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.enabled = True
+        if not running:
+            self._checkCanApply()
+
+    def _onTimer(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        progress = job.run.progress()
+        if progress is not None:
+            done, total = progress
+            self.ui.progressBar.setMaximum(total)
+            self.ui.progressBar.setValue(done)
+            self.ui.progressBar.setFormat(_("frame {done}/{total}").format(done=done, total=total))
+        if not job.run.poll():
+            return
+        self._timer.stop()
+        self._job = None
+        try:
+            with slicer.util.tryWithErrorDisplay(self._failureTitle, waitCursor=True):
+                self.finishRun(job)
+        finally:
+            self._setRunning(False)
+
+    def cancelRun(self) -> str:
+        """Kill the background run, if any: nothing is added to the scene. Returns the status text."""
+        if not self.isRunning():
+            return ""
+        self._timer.stop()
+        job, self._job = self._job, None
+        job.run.cancel()
+        self.ui.progressBar.setValue(0)
+        message = _("Cancelled; nothing was added to the scene.")
+        self.ui.statusLabel.text = message
+        self._setRunning(False)
+        return message
+
+
+class USDespeckleWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None  # the background run in progress, if any
-        self._timer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -107,14 +180,12 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
         self.ui.resultsTable.setHorizontalHeaderLabels([_("frame"), _("SMPI"), _("time (s)"), _("device")])
-        self._timer = qt.QTimer()
-        self._timer.setInterval(200)
-        self._timer.connect("timeout()", self._onTimer)
+        self.setupBackgroundRun()
         self._updateDependencyState()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        self._cancelJob()
+        self.cancelRun()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -127,7 +198,7 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._cancelJob()  # its nodes would belong to the scene being closed
+        self.cancelRun()  # its nodes would belong to the scene being closed
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -168,7 +239,7 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setToolTip("" if cudaAvailable else _("No CUDA GPU is available to PyTorch"))
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._job is not None or not self._parameterNode:
+        if self.isRunning() or not self._parameterNode:
             return
         params = self._parameterNode
         self.ui.obnlmGroupBox.enabled = params.method == "OBNLM"
@@ -179,59 +250,14 @@ class USDespeckleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.compareButton.enabled = params.inputVolume is not None and params.outputVolume is not None
 
     def onApplyButton(self) -> None:
-        """Apply starts a background process; while it runs, the button is Cancel."""
-        if self._job is not None:
-            self._cancelJob()
-            return
-        self.ui.statusLabel.text = ""
-        self.ui.progressBar.setValue(0)
-        with slicer.util.tryWithErrorDisplay(_("Despeckling failed."), waitCursor=True):
-            self._job = self.logic.startProcess(self._parameterNode)
-        self._setRunning(True)
-        self._timer.start()
+        self.applyOrCancel(lambda: self.logic.startProcess(self._parameterNode), _("Despeckling failed."))
 
-    def _setRunning(self, running: bool) -> None:
-        """While a run is live, only Cancel can be clicked: no input, method, install or compare."""
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.installButton,
-                       self.ui.compareButton):
-            widget.enabled = not running
-        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.enabled = True
-        if not running:
-            self._checkCanApply()
+    def lockedWhileRunning(self) -> list:
+        return [self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.installButton,
+                self.ui.compareButton]
 
-    def _onTimer(self) -> None:
-        job = self._job
-        if job is None:
-            self._timer.stop()
-            return
-        progress = job.run.progress()
-        if progress is not None:
-            done, total = progress
-            self.ui.progressBar.setMaximum(total)
-            self.ui.progressBar.setValue(done)
-            self.ui.progressBar.setFormat(_("frame {done}/{total}").format(done=done, total=total))
-        if not job.run.poll():
-            return
-        self._timer.stop()
-        self._job = None
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Despeckling failed."), waitCursor=True):
-                self._showResults(self.logic.finishProcess(self._parameterNode, job))
-        finally:
-            self._setRunning(False)
-
-    def _cancelJob(self) -> None:
-        """Kill the background run, if any; nothing is added to the scene."""
-        if self._job is None:
-            return
-        if self._timer is not None:
-            self._timer.stop()
-        job, self._job = self._job, None
-        job.run.cancel()
-        self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
-        self.ui.progressBar.setValue(0)
-        self._setRunning(False)
+    def finishRun(self, job) -> None:
+        self._showResults(self.logic.finishProcess(self._parameterNode, job))
 
     def _showResults(self, run) -> None:
         table = self.ui.resultsTable

@@ -29,6 +29,7 @@ if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOUR
 from us3d.dependencies import missing_packages  # noqa: E402  (no torch import)
 from us3d.options import (DEFAULT_REFINE_STEPS, DEVICES, REGISTRATION_METHODS,  # noqa: E402  (no torch import)
                           REGISTRATION_PREPROCESSING)
+from USDespeckle import BackgroundRunMixin  # noqa: E402  (a dependency of this module: loaded first)
 
 
 class USRegistration(ScriptedLoadableModule):
@@ -70,15 +71,13 @@ class USRegistrationParameterNode:
     warpedVolume: vtkMRMLScalarVolumeNode
 
 
-class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class USRegistrationWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
         self._runMessage = ""  # what the last run said; shown whenever Apply has nothing to object to
 
     def setup(self) -> None:
@@ -97,9 +96,11 @@ class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsTable.setHorizontalHeaderLabels(
             [_("frame"), _("MSE before"), _("MSE after"), _("SMPI"), _("folding (%)"), _("time (s)")])
         self.ui.installButton.visible = bool(missing_packages())
+        self.setupBackgroundRun()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self.cancelRun()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -112,6 +113,7 @@ class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.cancelRun()  # its nodes would belong to the scene being closed
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -132,7 +134,7 @@ class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._running or not self._parameterNode:
+        if self.isRunning() or not self._parameterNode:
             return
         reason = self.logic.whyNotApplicable(self._parameterNode)
         self.ui.applyButton.enabled = reason is None
@@ -142,36 +144,19 @@ class USRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.compareButton.enabled = None not in (params.fixedVolume, params.movingVolume, params.warpedVolume)
 
     def onApplyButton(self) -> None:
-        if self._running:
-            self._cancelRequested = True
-            self.ui.applyButton.text = _("Cancelling...")
-            return
-        self._running, self._cancelRequested = True, False
-        self._runMessage = ""
-        self.ui.applyButton.text = _("Cancel")
-        self.ui.progressBar.setValue(0)
-
-        def progress(done, total):
-            self.ui.progressBar.setMaximum(total)
-            self.ui.progressBar.setValue(done)
-            self.ui.progressBar.setFormat(_("frame {done}/{total}").format(done=done, total=total))
-            slicer.app.processEvents()
-
-        def cancel():
-            slicer.app.processEvents()
-            return self._cancelRequested
-
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
-                run = self.logic.process(self._parameterNode, progress, cancel)
-                if run is None:
-                    self._runMessage = _("Cancelled; nothing was added to the scene.")
-                else:
-                    self._showResults(run)
-        finally:
-            self._running = False
-            self.ui.applyButton.text = _("Apply")
+        if self.isRunning():
+            self._runMessage = self.cancelRun()
             self._checkCanApply()
+            return
+        self._runMessage = ""
+        self.applyOrCancel(lambda: self.logic.startProcess(self._parameterNode), _("Registration failed."))
+
+    def lockedWhileRunning(self) -> list:
+        return [self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton, self.ui.installButton,
+                self.ui.compareButton]
+
+    def finishRun(self, job) -> None:
+        self._showResults(self.logic.finishProcess(self._parameterNode, job))
 
     def _showResults(self, run) -> None:
         table = self.ui.resultsTable
@@ -237,8 +222,29 @@ class USRegistrationLogic(ScriptedLoadableModuleLogic):
         return RegistrationSettings(method=params.method, preprocessing=params.preprocessing,
                                     refine_steps=int(params.refineSteps), device=params.device)
 
+    def startProcess(self, params):
+        """Start the registration in a background process; returns the job for `finishProcess` (poll
+        `job.run`; `job.run.cancel()` stops it)."""
+        from USDespeckle import USDespeckleLogic
+        from us3dmrml.nodes import sequence_of_proxy_node
+        from us3dmrml.registration import start_registration
+
+        sequence, browser = sequence_of_proxy_node(slicer.mrmlScene, params.fixedVolume)
+        allFrames = sequence is not None and params.allFrames
+        return start_registration(sequence if allFrames else params.fixedVolume, params.movingVolume,
+                                  self.settings(params), sequence=allFrames,
+                                  python=USDespeckleLogic.pythonExecutable(), browser_node=browser if allFrames else None)
+
+    def finishProcess(self, params, job):
+        """The finished job's outputs as new nodes (the warped one selected); raises the worker's error."""
+        from us3dmrml.registration import finish_registration
+
+        run = finish_registration(slicer.mrmlScene, job, slicer.modules.sequences.logic())
+        params.warpedVolume = job.browser.GetProxyNode(run.warped_node) if job.browser is not None else run.warped_node
+        return run
+
     def process(self, params, progress=None, cancel=None):
-        """Register into new nodes; returns the run, or None if cancelled."""
+        """Register into new nodes in this process; returns the run, or None if cancelled."""
         from us3d.errors import Cancelled
         from us3dmrml.nodes import sequence_of_proxy_node
         from us3dmrml.registration import register_sequence_node, register_volume_nodes

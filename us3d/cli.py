@@ -296,7 +296,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 # --- register-sequence -----------------------------------------------------------------------
 
 METRIC_COLUMNS = ("frame", "index_value", "mse_before", "mse_after", "smpi", "folding_percent",
-                  "endpoint_error_mean_mm", "endpoint_error_p95_mm", "seconds")
+                  "endpoint_error_mean_mm", "endpoint_error_p95_mm", "seconds", "resampled")
 
 
 def cmd_register_sequence(args: argparse.Namespace) -> int:
@@ -311,8 +311,20 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
     _check_new_folder(outdir)
     sequence = read_sequence(args.sequence)
     count = len(sequence)
-    if not 0 <= args.moving_frame < count:
-        raise InputError(f"--moving-frame must be between 0 and {count - 1} for this {count}-frame sequence")
+    if args.moving_volume is not None:
+        if args.moving_frame is not None:
+            raise InputError("give --moving-frame or --moving-volume, not both")
+        if args.truth_dir:
+            raise InputError("--truth-dir needs --moving-frame 0 (the phantom's fields start from frame 0)")
+        from us3d.io import read_volume
+
+        moving = read_volume(args.moving_volume)
+        described = Path(args.moving_volume).name
+    else:
+        args.moving_frame = 0 if args.moving_frame is None else args.moving_frame
+        if not 0 <= args.moving_frame < count:
+            raise InputError(f"--moving-frame must be between 0 and {count - 1} for this {count}-frame sequence")
+        moving, described = args.moving_frame, f"frame {args.moving_frame}"
     truths = None
     if args.truth_dir:
         if args.moving_frame != 0:
@@ -328,7 +340,7 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
     if Path(args.sequence).resolve() in {path.resolve() for path in outputs}:
         raise InputError(f"{args.sequence} would be overwritten by an output; choose another folder")
     registrar = Registrar(_registration_settings(args))
-    results = registrar.register_sequence(sequence, args.moving_frame, truths, progress=ProgressBar("register"))
+    results = registrar.register_sequence(sequence, moving, truths, progress=ProgressBar("register"))
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(METRIC_COLUMNS)
@@ -337,7 +349,7 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
         writer.writerow([t, sequence.index_values[t], f"{result.mse_before:.6f}", f"{result.mse_after:.6f}",
                          "" if result.smpi is None else f"{result.smpi:.4f}", f"{100 * result.folding:.4f}",
                          "" if truths is None else f"{epe[0]:.4f}", "" if truths is None else f"{epe[1]:.4f}",
-                         f"{result.seconds:.3f}"])
+                         f"{result.seconds:.3f}", int(result.resampled)])
     warped = sequence.with_frames(np.stack([sitk.GetArrayFromImage(r.warped) for r in results]))
     with _created_folder(outdir), atomic_outputs(outputs) as temporaries:  # the folder only now that all is done
         write_any(warped, temporaries[0])
@@ -346,7 +358,7 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
         Path(temporaries[-1]).write_text(table.getvalue())
     print(table.getvalue(), end="")
     others = [r for t, r in enumerate(results) if t != args.moving_frame] or results
-    summary = (f"frame {args.moving_frame} registered to {count} frames with {args.method}: mean MSE "
+    summary = (f"{described} registered to {count} frames with {args.method}: mean MSE "
                f"{np.mean([r.mse_before for r in others]):.5f} -> {np.mean([r.mse_after for r in others]):.5f}, "
                f"{np.median([r.seconds for r in results]):.2f} s per pair")
     if truths is not None:
@@ -547,8 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--truth-dir, seconds).")
     p.add_argument("sequence", help="4D sequence (.seq.nrrd)")
     p.add_argument("outdir", help="output folder (created if missing)")
-    p.add_argument("--moving-frame", "--reference-frame", dest="moving_frame", type=int, default=0,
+    p.add_argument("--moving-frame", "--reference-frame", dest="moving_frame", type=int,
                    help="the frame registered to every frame: the exhale frame, the paper's 'reference' (default 0)")
+    p.add_argument("--moving-volume", help="a volume registered to every frame instead of a frame of the sequence "
+                                           "(resampled onto the sequence's grid when it lies on another)")
     p.add_argument("--truth-dir", help="folder with the true fields displacement_NNN.mha (us3d phantom --truth-dir)")
     _registration_options(p)
     p.set_defaults(func=cmd_register_sequence)

@@ -422,3 +422,45 @@ def scenario_background_cancel_and_failure(scene) -> None:
         assert not job.run.folder.exists() and _node_count(scene) == before
     finally:
         _remove(scene, browser.GetProxyNode(sequence), browser, sequence, scene.GetFirstNodeByName("US volume"))
+
+
+def scenario_background_registration(scene, sequences_logic=None) -> None:
+    """A child process registers a moving volume to a fixed volume and to every frame of a sequence:
+    the same kinds of nodes as in this process, figures per frame, no temporary folder left; a
+    failing worker's message reaches the caller and the scene stays as it was."""
+    from us3dmrml.registration import finish_registration, start_registration
+
+    settings = RegistrationSettings(method="translation", refine_steps=4, device="cpu")
+    shifts = [(0.0, 0.0, 0.0), (0.8, 0.0, 0.0)]
+    sequence, browser = add_sequence(scene, name="fixed frames", arrays=[blob_volume(shift) for shift in shifts],
+                                     index_values=["exhale", "inhale"], index_type="text")
+    moving = add_volume(scene, blob_volume(shifts[0]), "moving (exhale)")
+    fixed = add_volume(scene, blob_volume(shifts[1]), "fixed")
+    job = start_registration(fixed, moving, settings)
+    _wait(job.run)
+    pair = finish_registration(scene, job)
+    job = start_registration(sequence, moving, settings, sequence=True, browser_node=browser)
+    _wait(job.run)
+    frames = finish_registration(scene, job, sequences_logic)
+    try:
+        assert pair.warped_node.IsA("vtkMRMLScalarVolumeNode") and pair.transform_node.IsA("vtkMRMLGridTransformNode")
+        assert len(pair.results) == 1 and pair.results[0].mse_after < pair.results[0].mse_before
+        for output in (frames.warped_node, frames.transform_node):
+            assert [output.GetNthIndexValue(n) for n in range(2)] == ["exhale", "inhale"]
+            assert browser.IsSynchronizedSequenceNodeID(output.GetID())
+        assert len(frames.results) == 2 and frames.results[1].mse_after < frames.results[1].mse_before
+        assert not job.run.folder.exists(), "the temporary folder was left behind"
+        count = scene.GetNumberOfNodes()
+        job = start_registration(fixed, moving, RegistrationSettings(model="no-such-model.pt", device="cpu"))
+        _wait(job.run)
+        try:
+            finish_registration(scene, job)
+        except InputError as error:
+            assert "no-such-model.pt" in str(error), str(error)
+        else:
+            raise AssertionError("a failing worker did not raise")
+        assert scene.GetNumberOfNodes() == count and not job.run.folder.exists()
+    finally:
+        proxies = [browser.GetProxyNode(s) for s in (sequence, frames.warped_node, frames.transform_node)]
+        _remove(scene, *proxies, browser, frames.warped_node, frames.transform_node, sequence, moving, fixed,
+                pair.warped_node, pair.transform_node)
