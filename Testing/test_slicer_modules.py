@@ -67,3 +67,14 @@ def test_module_file_imports_no_torch_at_import_time():
                 {node.module for node in top_level if isinstance(node, ast.ImportFrom)}
         assert not any(name and (name.startswith("torch") or name.startswith("us3d.models") or
                                  name in ("us3d.despeckling", "us3dmrml.despeckle")) for name in names)
+
+
+def test_slicer_requirements_are_the_lower_bounds_of_the_package():
+    """What the modules pip-install into Slicer's Python equals pyproject's lower bounds, no pins."""
+    import tomllib
+
+    from us3d.dependencies import PIP_REQUIREMENTS
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert set(PIP_REQUIREMENTS.values()) <= set(declared)
+    assert all(">=" in requirement and "==" not in requirement for requirement in PIP_REQUIREMENTS.values())

@@ -28,7 +28,7 @@ _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOURCE_ROOT, "us3d")):
     sys.path.append(_SOURCE_ROOT)
 
-from us3d.dependencies import PIP_REQUIREMENTS, missing_packages  # noqa: E402  (no torch import)
+from us3d.dependencies import PIP_REQUIREMENTS, REQUIREMENTS_FILE, missing_packages  # noqa: E402  (no torch)
 from us3d.options import DEVICES, OBNLM_MODES  # noqa: E402  (no torch import)
 from us3d.resources import bundled_model_names  # noqa: E402
 
@@ -73,6 +73,19 @@ class USDespeckleParameterNode:
     model: Annotated[str, Choice(MODELS)] = MODELS[0]
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     outputVolume: vtkMRMLScalarVolumeNode
+
+
+#: The oldest 3D Slicer the modules support (its Python 3.12 runs us3d and the pip requirements).
+MINIMUM_SLICER = (5, 10)
+
+
+def slicerTooOld() -> str:
+    """Why this Slicer cannot run the modules ("" when it can)."""
+    version = (slicer.app.majorVersion, slicer.app.minorVersion)
+    if version < MINIMUM_SLICER:
+        return _("This module needs 3D Slicer {major}.{minor} or newer (this is {this}).").format(
+            major=MINIMUM_SLICER[0], minor=MINIMUM_SLICER[1], this=f"{version[0]}.{version[1]}")
+    return ""
 
 
 def dependencyMessage(missing: list[str]) -> str:
@@ -225,8 +238,8 @@ class USDespeckleWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTKObs
 
     def _updateDependencyState(self) -> None:
         missing = missing_packages()
-        self.ui.installButton.visible = bool(missing)
-        self.ui.statusLabel.text = dependencyMessage(missing)
+        self.ui.installButton.visible = bool(missing) and not slicerTooOld()
+        self.ui.statusLabel.text = slicerTooOld() or dependencyMessage(missing)
         self._updateDeviceChoices()
 
     def _updateDeviceChoices(self) -> None:
@@ -298,8 +311,9 @@ class USDespeckleLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def installDependencies() -> None:
-        """PyTorch through the PyTorch extension (its own choice of CUDA build), the rest with pip,
-        pinned; only on the user's click, never at import."""
+        """PyTorch through the PyTorch extension (its own choice of CUDA build), the rest with pip from
+        Resources/requirements.txt (lower bounds that live with Slicer's own packages); only on the
+        user's click, never at import."""
         if importlib.util.find_spec("torch") is None:
             try:
                 import PyTorchUtils
@@ -307,12 +321,19 @@ class USDespeckleLogic(ScriptedLoadableModuleLogic):
                 raise RuntimeError(_("Install the PyTorch extension from the Extensions Manager first.")) from None
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
                 raise RuntimeError(_("PyTorch was not installed."))
-        missing = [requirement for name, requirement in PIP_REQUIREMENTS.items() if name in missing_packages()]
-        if missing:
-            slicer.util.pip_install(missing)
+        try:
+            import slicer.pydeps  # Slicer >= 5.11: checks versions too, and installs only what is needed
+        except ImportError:
+            missing = [requirement for name, requirement in PIP_REQUIREMENTS.items() if name in missing_packages()]
+            if missing:
+                slicer.util.pip_install(missing)
+        else:
+            slicer.pydeps.pip_ensure(slicer.pydeps.load_requirements(str(REQUIREMENTS_FILE)), requester="US3D")
 
     def whyNotApplicable(self, params) -> Optional[str]:
         """None when Apply can run, else the reason (shown as the button's tooltip)."""
+        if slicerTooOld():
+            return slicerTooOld()
         if missing_packages():
             return _("Install the missing Python packages first")
         from us3d.errors import InputError
@@ -409,6 +430,12 @@ class USDespeckleTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        missing = missing_packages()
+        if missing or slicerTooOld():
+            # a fresh Slicer or the extension build farm: say why, instead of failing on an import
+            self.delayDisplay(slicerTooOld() or "USDespeckle self-test skipped: missing Python packages "
+                              + ", ".join(missing) + " (click 'Install dependencies' in the module)")
+            return
         from us3dmrml.selftests import DESPECKLE_SCENARIOS
 
         for scenario, needsSequencesLogic in DESPECKLE_SCENARIOS:
