@@ -42,3 +42,25 @@ def test_the_mrml_layer_registers_sequences_through_the_one_us3d_implementation(
 
 def test_background_registration_of_a_volume_and_a_sequence(scene, sequences_logic):
     selftests.scenario_background_registration(scene, sequences_logic)
+
+
+def test_per_frame_figures_become_a_slicer_plot(scene):
+    import numpy as np
+
+    from us3dmrml.plots import frame_plot
+
+    chart = frame_plot(scene, "liver to frames", {"MSE before": [0.0, 0.03, 0.05], "MSE after": [0.0, 0.01, 0.02]},
+                       "MSE")
+    try:
+        assert chart.GetNumberOfPlotSeriesNodes() == 2 and chart.GetTitle() == "liver to frames"
+        series = chart.GetNthPlotSeriesNode(1)
+        table = series.GetTableNode().GetTable()
+        assert series.GetYColumnName() == "MSE after" and table.GetNumberOfRows() == 3
+        values = [table.GetColumnByName("MSE after").GetValue(n) for n in range(3)]
+        np.testing.assert_allclose(values, [0.0, 0.01, 0.02])
+    finally:
+        table_node = chart.GetNthPlotSeriesNode(0).GetTableNode()
+        for n in reversed(range(chart.GetNumberOfPlotSeriesNodes())):
+            scene.RemoveNode(chart.GetNthPlotSeriesNode(n))
+        scene.RemoveNode(chart)
+        scene.RemoveNode(table_node)

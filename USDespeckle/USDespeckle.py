@@ -41,7 +41,7 @@ class USDespeckle(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("US Despeckle")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Ultrasound")]
-        self.parent.dependencies = ["Sequences"]
+        self.parent.dependencies = ["Sequences", "Plots"]
         self.parent.contributors = ["US3D contributors"]
         self.parent.helpText = _(
             "Speckle reduction of 3D ultrasound volumes and of every frame of 4D sequences: the OBNLM "
@@ -281,6 +281,8 @@ class USDespeckleWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTKObs
         self.ui.statusLabel.text = _("{method}: {n} frame(s), median {t:.2f} s per frame on {device}.").format(
             method=run.method, n=len(run.smpi), t=sorted(run.seconds_per_frame)[len(run.smpi) // 2],
             device=run.device) + "".join("\n" + _("Warning: ") + message for message in run.warnings)
+        if len(run.smpi) > 1:
+            self.logic.showFramePlot(f"{run.output_node.GetName()} SMPI", {_("SMPI"): run.smpi}, _("SMPI"))
 
     def onCompareButton(self) -> None:
         self.logic.showSideBySide(self._parameterNode.inputVolume, self._parameterNode.outputVolume)
@@ -407,6 +409,14 @@ class USDespeckleLogic(ScriptedLoadableModuleLogic):
             return None
         slicer.util.showStatusMessage(_("Despeckled in {t:.1f} s").format(t=time.time() - start), 3000)
         return run
+
+    @staticmethod
+    def showFramePlot(name: str, figures: dict, yTitle: str) -> None:
+        """Per-frame figures as a Slicer plot, shown in the layout's plot view."""
+        from us3dmrml.plots import frame_plot
+
+        chart = frame_plot(slicer.mrmlScene, name, figures, yTitle)
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
 
     @staticmethod
     def showSideBySide(inputVolume, outputVolume) -> None:

@@ -169,6 +169,12 @@ class USRegistrationWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTK
                 table.setItem(row, column, qt.QTableWidgetItem(text))
         if any(result.resampled for result in run.results):
             self._runMessage = _("The moving volume was on another grid: it was resampled onto the fixed grid.")
+        if len(run.results) > 1:
+            from USDespeckle import USDespeckleLogic
+
+            USDespeckleLogic.showFramePlot(f"{run.warped_node.GetName()} MSE",
+                                           {_("MSE before"): [r.mse_before for r in run.results],
+                                            _("MSE after"): [r.mse_after for r in run.results]}, _("MSE"))
 
     def onCompareButton(self) -> None:
         params = self._parameterNode
