@@ -380,6 +380,15 @@ def _model_output(path: str) -> Path:
     return output
 
 
+def _wrote_model(output: Path, start: float, written: bool) -> None:
+    """The files a training run wrote (rank 0 only: `written`) and its wall time."""
+    import time
+
+    if written:
+        print(f"wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.log.jsonl')} "
+              f"({(time.perf_counter() - start) / 60:.1f} min)")
+
+
 # --- train-despeckle ------------------------------------------------------------------------
 
 def cmd_train_despeckle(args: argparse.Namespace) -> int:
@@ -401,9 +410,7 @@ def cmd_train_despeckle(args: argparse.Namespace) -> int:
     for row in validation:
         print(f"{row['volume']}: PSNR {row['psnr']:.2f} dB (input {row['psnr_identity']:.2f}), "
               f"SMPI {row['smpi_model']:.3f} vs target {row['smpi_target']:.3f}")
-    if validation:
-        print(f"wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.log.jsonl')} "
-              f"({(time.perf_counter() - start) / 60:.1f} min)")
+    _wrote_model(output, start, bool(validation))
     return 0
 
 
@@ -432,9 +439,7 @@ def cmd_train_register(args: argparse.Namespace) -> int:
         print(f"{row['preprocessing']}, {row['sequence']}: mean endpoint error {row['endpoint_error_mm']:.3f} mm "
               f"(rigid step alone {row['rigid_endpoint_error_mm']:.3f}), "
               f"MSE {row['mse_before']:.4f} -> {row['mse_after']:.4f}")
-    if validation:
-        print(f"wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.log.jsonl')} "
-              f"({(time.perf_counter() - start) / 60:.1f} min)")
+    _wrote_model(output, start, bool(validation))
     return 0
 
 
