@@ -14,11 +14,12 @@ def test_run_all_tiny_writes_every_section_and_figure(tmp_path):
     report = (tmp_path / "RESULTS.md").read_text()
     for heading in ("## OBNLM speed", "## Despeckling: this project against", "## U-Net despeckling benchmark",
                     "## Registration benchmark", "## The paper's Table 3, reproduced", "Scaling with volume size",
-                    "## Despeckling before registration", "## Refinement steps: what the network saves"):
+                    "## Despeckling before registration", "## Refinement steps: what the network saves",
+                    "## Where the model is weak", "## The paper's Table 1: SMPI"):
         assert heading in report
     for method in ("scikit-image nl_means 3D", "SimpleITK PatchBasedDenoising", "SRAD slice-wise",
                    "SimpleITK demons", "network only (VoxelMorph, the paper)"):
         assert f"| {method} |" in report
     assert "Machine: " in report and "| nan" not in report.split("## Registration")[1]
-    for figure in ("despeckle.png", "registration.png", "registration-steps.png"):
+    for figure in ("despeckle.png", "registration.png", "registration-steps.png", "unet-real.png"):
         assert (tmp_path / figure).stat().st_size > 1000

@@ -310,3 +310,11 @@ def test_despeckle_report(tmp_path, phantom_files):
     code, _, err = run("despeckle", phantom_files / "liver.seq.nrrd", tmp_path / "o.seq.nrrd", "--report",
                        tmp_path / "report.txt")
     assert code == 2 and ".json" in err and not (tmp_path / "o.seq.nrrd").exists()
+
+
+def test_phantom_frame_is_that_frame_of_the_sequence(phantom_files, tmp_path):
+    assert main(["phantom", str(tmp_path / "f1.nrrd"), "--seed", "1", "--frame", "1"]) == 0
+    sequence = read_sequence(phantom_files / "liver.seq.nrrd")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(tmp_path / "f1.nrrd")), sequence.frames[1])
+    code, _, err = run("phantom", tmp_path / "f.seq.nrrd", "--frame", "1")
+    assert code == 2 and "3D volume" in err

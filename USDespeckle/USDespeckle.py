@@ -48,6 +48,9 @@ class USDespeckle(ScriptedLoadableModule):
             "non-local means filter, or a 3D dense U-Net trained to reproduce it (unet-obnlm) or to recover "
             "the speckle-free tissue (unet-sim). Pick the volume shown by a sequence browser to process all "
             "frames. The input is never changed; the output is a new volume or sequence.")
+        self.parent.helpText += _(
+            ' <a href="https://github.com/us3d/SlicerUS3D#use-in-3d-slicer">Documentation</a>: settings, outputs, '
+            "the minimum Slicer version and how dependencies are installed.")
         self.parent.acknowledgementText = _(
             "OBNLM: Coupe et al., IEEE TIP 2009. The U-Net follows the 3D dense U-Net for ultrasound "
             "despeckling of 4D liver sequences. Sample data: PLUS toolkit (BSD-3-Clause), ITKUltrasound (Apache-2.0).")

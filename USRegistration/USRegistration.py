@@ -47,6 +47,9 @@ class USRegistration(ScriptedLoadableModule):
             "per frame), the refinement from an FFT translation without the network, or multi-resolution demons "
             "(SimpleITK; seconds per frame). Advanced: the number of refinement steps (0: the network alone, as "
             "in the VoxelMorph paper).")
+        self.parent.helpText += _(
+            ' <a href="https://github.com/us3d/SlicerUS3D#use-in-3d-slicer">Documentation</a>: settings, outputs, '
+            "the minimum Slicer version and how dependencies are installed.")
         self.parent.acknowledgementText = _("VoxelMorph: Balakrishnan et al., IEEE TMI 2019. Demons: SimpleITK. "
                                             "OBNLM: Coupe et al., IEEE TIP 2009.")
 

@@ -47,25 +47,30 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="every section in its quick mode (under 5 minutes)")
     mode.add_argument("--tiny", action="store_true", help="a code-path check on tiny inputs (for the test suite)")
     parser.add_argument("--outdir", default=str(HERE), help="where to write the reports (default benchmarks/)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these sections; RESULTS.md is assembled from every section's report, "
+                             "each of which states when it was written (default: all)")
     args = parser.parse_args(argv)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(HERE))
     flags = ["--quick"] if args.quick else ["--tiny"] if args.tiny else []
     start, seconds = time.perf_counter(), {}
-    for section in SECTIONS:
+    for section in args.sections:
         began = time.perf_counter()
         module = importlib.import_module(f"bench_{section}")
         module.main(flags + ["--output", str(outdir / f"RESULTS-{section}.md")])
         seconds[section] = time.perf_counter() - began
     total = time.perf_counter() - start
     mode_name = "quick mode" if args.quick else "tiny code-path check (figures meaningless)" if args.tiny else "full"
+    rerun = "" if len(args.sections) == len(SECTIONS) else " --sections " + " ".join(args.sections)
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `python benchmarks/run_all.py{' ' + flags[0] if flags else ''}` ({mode_name}) on "
+        f"Written by `python benchmarks/run_all.py{' ' + flags[0] if flags else ''}{rerun}` ({mode_name}) on "
         f"{datetime.date.today().isoformat()} in {total / 60:.1f} min ("
-        + ", ".join(f"{s} {seconds[s] / 60:.1f} min" for s in SECTIONS) + ").",
+        + ", ".join(f"{s} {seconds[s] / 60:.1f} min" for s in args.sections) + ")"
+        + ("; the other sections are from earlier runs, each dated in its own heading line" if rerun else "") + ".",
         "",
         f"Machine: {machine()}",
         "",

@@ -253,11 +253,23 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from us3d.phantom.varied import simulate_conditions
 
     output = check_output_path(args.output)
-    if args.frames > 1 and not is_sequence_path(output):
+    if args.frame is not None:
+        if is_sequence_path(output) or args.frames > 1:
+            raise InputError("--frame writes one frame as a 3D volume: give a volume file name and no --frames")
+    elif args.frames > 1 and not is_sequence_path(output):
         raise InputError(f"{args.frames} frames make a 4D sequence: the output must end with .seq.nrrd")
     truth = Path(args.truth_dir) if args.truth_dir else None
     _check_new_folder(truth)
-    phantom = simulate_conditions(args.conditions, args.frames, args.seed, progress=ProgressBar("phantom"))
+    # with --frame, at least 2 frames: the scatterers then cover the breathing, as in every sequence of this seed
+    frames = args.frames if args.frame is None else max(args.frame + 1, 2)
+    phantom = simulate_conditions(args.conditions, frames, args.seed, progress=ProgressBar("phantom"))
+    if args.frame is not None:
+        import dataclasses
+
+        keep = slice(args.frame, args.frame + 1)
+        phantom = dataclasses.replace(phantom, bmode=phantom.bmode[keep], echogenicity=phantom.echogenicity[keep],
+                                      labels=phantom.labels[keep], envelope=phantom.envelope[keep],
+                                      displacement=phantom.displacement[keep])
     with _created_folder(truth):
         written = write_phantom(phantom, output, truth)
     print("wrote " + ", ".join(str(p) for p in written))
@@ -535,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output volume, or .seq.nrrd for more than one frame")
     p.add_argument("--frames", type=_positive_int, default=1, help="number of frames (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed: anatomy, motion and speckle (default 0)")
+    p.add_argument("--frame", type=_non_negative_int,
+                   help="write only frame N of the breathing sequence, as a 3D volume (its true displacement from "
+                        "frame 0 in the truth folder as displacement_000.mha)")
     p.add_argument("--conditions", choices=("standard", "varied", "sliding"), default="standard",
                    help="standard: the configuration above; varied: imaging (spacing, frequency, PSF, scatterer "
                         "density, dynamic range, gain, attenuation, sector) and breathing (5-20 mm, direction, "
