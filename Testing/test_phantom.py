@@ -150,3 +150,15 @@ def test_a_wall_that_follows_and_one_that_slides():
         liver = np.median(np.abs(field[..., 0][labels == LABELS["parenchyma"]]))
         assert (wall > ratio * liver) if phantom is follows else (wall < ratio * liver)
     assert 14.0 < np.abs(slides.displacement[..., 0]).max() <= 16.0 * 1.3
+
+
+def test_a_shallow_field_of_view_still_simulates():
+    """Lesion and vessel depths fall back to the middle of the liver when it is too thin to draw them
+    (a varied setup with fine axial spacing failed with 'high - low < 0')."""
+    import dataclasses as _dc
+
+    from us3d.phantom import ImagingSetup, simulate_sequence
+
+    setup = _dc.replace(ImagingSetup(), shape=(8, 48, 64), spacing=(0.4, 0.2, 0.8))
+    phantom = simulate_sequence(1, 3, setup)
+    assert phantom.bmode.shape == (1, 8, 48, 64) and phantom.bmode.std() > 0

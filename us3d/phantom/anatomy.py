@@ -26,6 +26,13 @@ LABELS = {
 ANECHOIC_DB = -60.0
 
 
+def _depth(rng: np.random.Generator, low: float, high: float) -> float:
+    """A depth drawn uniformly in [low, high] (the same draw as rng.uniform(low, high)); the middle of
+    the two when a shallow field of view leaves the range empty."""
+    u = rng.random()
+    return low + (high - low) * u if high > low else 0.5 * (low + high)
+
+
 @dataclasses.dataclass
 class LiverAnatomy:
     """One randomised liver phantom; `extent` is the field of view (x, y, z) in mm."""
@@ -46,20 +53,20 @@ class LiverAnatomy:
         liver_top, liver_bottom = self.wall_depth + 2.0, self.diaphragm_depth - 4.0
         self.vessels = []
         for _ in range(rng.integers(2, 5)):
-            point = np.array([rng.uniform(0.1, 0.9) * ex, rng.uniform(liver_top + 3, liver_bottom - 3),
+            point = np.array([rng.uniform(0.1, 0.9) * ex, _depth(rng, liver_top + 3, liver_bottom - 3),
                               rng.uniform(0.2, 0.8) * ez])
             direction = rng.normal(size=3) * np.array([1.0, 0.4, 0.6])
             self.vessels.append((point, direction / np.linalg.norm(direction), rng.uniform(1.2, 3.5)))
         self.lesions = []
         for _ in range(rng.integers(1, 4)):
-            centre = np.array([rng.uniform(0.15, 0.85) * ex, rng.uniform(liver_top + 6, liver_bottom - 6),
+            centre = np.array([rng.uniform(0.15, 0.85) * ex, _depth(rng, liver_top + 6, liver_bottom - 6),
                                rng.uniform(0.25, 0.75) * ez])
             radii = rng.uniform(3.0, 6.5, size=3) * np.array([1.0, 0.9, 0.8])
             contrast = rng.choice([-1.0, 1.0]) * rng.uniform(5.0, 9.0)
             self.lesions.append((centre, radii, contrast))
         self.cysts = []
         if rng.random() < 0.7:
-            centre = np.array([rng.uniform(0.15, 0.85) * ex, rng.uniform(liver_top + 5, liver_bottom - 5),
+            centre = np.array([rng.uniform(0.15, 0.85) * ex, _depth(rng, liver_top + 5, liver_bottom - 5),
                                rng.uniform(0.3, 0.7) * ez])
             self.cysts.append((centre, rng.uniform(2.5, 5.0)))
 
