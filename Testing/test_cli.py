@@ -107,11 +107,14 @@ def test_output_over_input_is_refused(sample_dir, tmp_path):
     assert target.read_bytes() == (sample_dir / "MouseLiverB.mha").read_bytes()
 
 
-def test_help_on_every_command():
+def test_help_on_every_command(capsys):
+    code, out, _ = run("--help")  # once through the installed entry point
+    assert code == 0 and "usage: us3d" in out
     for command in ("despeckle", "metrics", "phantom", "demo", "models", "train-despeckle", "register",
                     "register-sequence", "train-register"):
-        code, out, _ = run(command, "--help")
-        assert code == 0 and "usage: us3d" in out
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0 and f"usage: us3d {command}" in capsys.readouterr().out
 
 
 def test_demo_writes_report_views_and_volumes(tmp_path):

@@ -119,11 +119,11 @@ def evaluate(standard, varied, models: Models, settings: ObnlmSettings) -> tuple
     return fidelity, truth
 
 
-def diagnose(seeds, models: Models, settings: ObnlmSettings) -> list[dict]:
+def diagnose(seeds, models: Models, settings: ObnlmSettings, values_per_factor: int = 3) -> list[dict]:
     """Fidelity with one imaging factor changed at a time (standard configuration otherwise)."""
     rows = []
     for factor, (field, values) in DIAGNOSIS.items():
-        for value in values:
+        for value in values[:values_per_factor]:
             results = []
             for seed in seeds:
                 if field == "gamma":
@@ -140,10 +140,10 @@ def diagnose(seeds, models: Models, settings: ObnlmSettings) -> list[dict]:
     return rows
 
 
-def real_figure(path: Path, models: Models, settings: ObnlmSettings) -> None:
+def real_figure(path: Path, models: Models, settings: ObnlmSettings, names=REAL_FIGURE) -> None:
     """B-mode plane of real volumes: input | OBNLM | unet-obnlm | unet-sim, one row per volume."""
     rows = []
-    for name in REAL_FIGURE:
+    for name in names:
         volume = read_real(name).astype(np.float64)
         outputs = [volume, despeckle_array(volume, settings, "cpu"), models.unet_obnlm(volume), models.unet_sim(volume)]
         spacing = (1.0, 1.0, 1.0) if name != "MouseLiverB.mha" else (0.1, 0.0386, 0.1)
@@ -313,9 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     models = Models(obnlm_model.module, obnlm_model.input_mapping, sim_model.module, sim_model.input_mapping)
     count = (lambda seeds, quick: seeds[:1] if args.tiny else seeds[:quick] if args.quick else seeds)
     fidelity, truth = evaluate(count(STANDARD_SEEDS, 2), count(VARIED_SEEDS, 4), models, settings)
-    diagnosis = diagnose(DIAGNOSIS_SEEDS[:1] if args.tiny or args.quick else DIAGNOSIS_SEEDS, models, settings)
+    diagnosis = diagnose(DIAGNOSIS_SEEDS[:1] if args.tiny or args.quick else DIAGNOSIS_SEEDS, models, settings,
+                         1 if args.tiny else 3)
     figure = Path(args.output).parent / "unet-real.png"
-    real_figure(figure, models, settings)
+    real_figure(figure, models, settings, REAL_FIGURE[:1] if args.tiny else REAL_FIGURE)
     times = speed(settings, models, 1 if args.tiny else 3 if args.quick else 9)
     from us3d.models.unet import DenseUNet3D
     plain = DenseUNet3D()
