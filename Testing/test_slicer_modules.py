@@ -63,7 +63,7 @@ def test_module_file_imports_no_torch_at_import_time():
     for module in MODULES:
         tree = ast.parse((ROOT / module / f"{module}.py").read_text())
         top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
-        names = {alias.name for node in top_level for alias in node.names} | \
+        names = {alias.name for node in top_level if isinstance(node, ast.Import) for alias in node.names} | \
                 {node.module for node in top_level if isinstance(node, ast.ImportFrom)}
         assert not any(name and (name.startswith("torch") or name.startswith("us3d.models") or
                                  name in ("us3d.despeckling", "us3dmrml.despeckle")) for name in names)
@@ -78,3 +78,22 @@ def test_slicer_requirements_are_the_lower_bounds_of_the_package():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert set(PIP_REQUIREMENTS.values()) <= set(declared)
     assert all(">=" in requirement and "==" not in requirement for requirement in PIP_REQUIREMENTS.values())
+
+
+def test_too_old_torch_is_reported_without_importing_it(monkeypatch):
+    """The modules refuse a PyTorch older than the bundled TorchScript files need, with one sentence
+    that says what to do (issue 13, defect 8); the version comes from the package metadata."""
+    import importlib.metadata
+
+    from us3d import dependencies
+
+    assert dependencies.torch_version_problem("2.4.1+cu121") is None
+    assert dependencies.torch_version_problem("2.13.0") is None
+    message = dependencies.torch_version_problem("2.2.2+cpu")
+    assert message and "2.2.2+cpu" in message and dependencies.TORCH_REQUIREMENT in message
+    assert dependencies.torch_version_problem() is None  # the torch this suite runs on
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.13.1")
+    monkeypatch.setattr(dependencies, "missing_packages", lambda: [])
+    assert "1.13.1" in dependencies.dependency_problem()
+    monkeypatch.setattr(dependencies, "missing_packages", lambda: ["numba"])
+    assert "numba" in dependencies.dependency_problem()

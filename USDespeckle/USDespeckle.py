@@ -28,7 +28,8 @@ _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOURCE_ROOT, "us3d")):
     sys.path.append(_SOURCE_ROOT)
 
-from us3d.dependencies import PIP_REQUIREMENTS, REQUIREMENTS_FILE, missing_packages  # noqa: E402  (no torch)
+from us3d.dependencies import (PIP_REQUIREMENTS, REQUIREMENTS_FILE, TORCH_REQUIREMENT,  # noqa: E402  (no torch)
+                               dependency_problem, missing_packages, torch_version_problem)
 from us3d.options import DEVICES, OBNLM_MODES  # noqa: E402  (no torch import)
 from us3d.resources import bundled_model_names  # noqa: E402
 
@@ -89,14 +90,6 @@ def slicerTooOld() -> str:
         return _("This module needs 3D Slicer {major}.{minor} or newer (this is {this}).").format(
             major=MINIMUM_SLICER[0], minor=MINIMUM_SLICER[1], this=f"{version[0]}.{version[1]}")
     return ""
-
-
-def dependencyMessage(missing: list[str]) -> str:
-    """What the status line says about missing Python packages ("" when nothing is missing)."""
-    if not missing:
-        return ""
-    return _("Missing Python packages: {names}. Click 'Install dependencies' "
-             "(PyTorch comes from the PyTorch extension).").format(names=", ".join(missing))
 
 
 class BackgroundRunMixin:
@@ -240,14 +233,14 @@ class USDespeckleWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTKObs
             self._checkCanApply()
 
     def _updateDependencyState(self) -> None:
-        missing = missing_packages()
-        self.ui.installButton.visible = bool(missing) and not slicerTooOld()
-        self.ui.statusLabel.text = slicerTooOld() or dependencyMessage(missing)
+        problem = dependency_problem()
+        self.ui.installButton.visible = bool(problem) and not slicerTooOld()
+        self.ui.statusLabel.text = slicerTooOld() or problem or ""
         self._updateDeviceChoices()
 
     def _updateDeviceChoices(self) -> None:
         """Grey out "cuda" when PyTorch sees no GPU (again after every refill of the list)."""
-        cudaAvailable = not missing_packages() and self.logic.cudaAvailable()
+        cudaAvailable = not dependency_problem() and self.logic.cudaAvailable()
         index = self.ui.deviceComboBox.findText("cuda")
         item = self.ui.deviceComboBox.model().item(index) if index >= 0 else None
         if item is not None:
@@ -319,13 +312,17 @@ class USDespeckleLogic(ScriptedLoadableModuleLogic):
         """PyTorch through the PyTorch extension (its own choice of CUDA build), the rest with pip from
         Resources/requirements.txt (lower bounds that live with Slicer's own packages); only on the
         user's click, never at import."""
-        if importlib.util.find_spec("torch") is None:
+        if importlib.util.find_spec("torch") is None or torch_version_problem():
             try:
                 import PyTorchUtils
             except ImportError:
                 raise RuntimeError(_("Install the PyTorch extension from the Extensions Manager first.")) from None
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+            installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
+                                                                      torchVersionRequirement=TORCH_REQUIREMENT)
+            if installed is None:
                 raise RuntimeError(_("PyTorch was not installed."))
+            if torch_version_problem():  # what pip left installed, read from its metadata
+                raise RuntimeError(torch_version_problem())
         try:
             import slicer.pydeps  # Slicer >= 5.11: checks versions too, and installs only what is needed
         except ImportError:
@@ -339,8 +336,8 @@ class USDespeckleLogic(ScriptedLoadableModuleLogic):
         """None when Apply can run, else the reason (shown as the button's tooltip)."""
         if slicerTooOld():
             return slicerTooOld()
-        if missing_packages():
-            return _("Install the missing Python packages first")
+        if dependency_problem():
+            return dependency_problem()
         from us3d.errors import InputError
         from us3dmrml.nodes import check_volume_node
 
@@ -443,11 +440,9 @@ class USDespeckleTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        missing = missing_packages()
-        if missing or slicerTooOld():
+        if slicerTooOld() or dependency_problem():
             # a fresh Slicer or the extension build farm: say why, instead of failing on an import
-            self.delayDisplay(slicerTooOld() or "USDespeckle self-test skipped: missing Python packages "
-                              + ", ".join(missing) + " (click 'Install dependencies' in the module)")
+            self.delayDisplay("USDespeckle self-test skipped: " + (slicerTooOld() or dependency_problem()))
             return
         from us3dmrml.selftests import DESPECKLE_SCENARIOS
 

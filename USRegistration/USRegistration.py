@@ -26,7 +26,7 @@ _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOURCE_ROOT, "us3d")):
     sys.path.append(_SOURCE_ROOT)
 
-from us3d.dependencies import missing_packages  # noqa: E402  (no torch import)
+from us3d.dependencies import dependency_problem  # noqa: E402  (no torch import)
 from us3d.options import (DEFAULT_REFINE_STEPS, DEVICES, REGISTRATION_METHODS,  # noqa: E402  (no torch import)
                           REGISTRATION_PREPROCESSING)
 from USDespeckle import BackgroundRunMixin, slicerTooOld  # noqa: E402  (a dependency of this module: loaded first)
@@ -98,7 +98,7 @@ class USRegistrationWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTK
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
         self.ui.resultsTable.setHorizontalHeaderLabels(
             [_("frame"), _("MSE before"), _("MSE after"), _("SMPI"), _("folding (%)"), _("time (s)")])
-        self.ui.installButton.visible = bool(missing_packages())
+        self.ui.installButton.visible = bool(dependency_problem())
         self.setupBackgroundRun()
         self.initializeParameterNode()
 
@@ -190,7 +190,7 @@ class USRegistrationWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTK
             with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
                 USDespeckleLogic.installDependencies()
         finally:  # the state is shown afresh after a failed install too
-            self.ui.installButton.visible = bool(missing_packages())
+            self.ui.installButton.visible = bool(dependency_problem())
             self._checkCanApply()
 
 
@@ -207,9 +207,8 @@ class USRegistrationLogic(ScriptedLoadableModuleLogic):
         """None when Apply can run, else the reason (shown as the button's tooltip)."""
         if slicerTooOld():
             return slicerTooOld()
-        missing = missing_packages()
-        if missing:
-            return _("Missing Python packages: {names}; click 'Install dependencies'").format(names=", ".join(missing))
+        if dependency_problem():
+            return dependency_problem()
         from us3d.errors import InputError
         from us3dmrml.nodes import check_volume_node
 
@@ -297,11 +296,9 @@ class USRegistrationTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        missing = missing_packages()
-        if missing or slicerTooOld():
+        if slicerTooOld() or dependency_problem():
             # a fresh Slicer or the extension build farm: say why, instead of failing on an import
-            self.delayDisplay(slicerTooOld() or "USRegistration self-test skipped: missing Python packages "
-                              + ", ".join(missing) + " (click 'Install dependencies' in the module)")
+            self.delayDisplay("USRegistration self-test skipped: " + (slicerTooOld() or dependency_problem()))
             return
         from us3dmrml.selftests import REGISTRATION_SCENARIOS
 

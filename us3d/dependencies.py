@@ -5,6 +5,7 @@ Imports nothing heavy, so the Slicer modules can ask before torch is installed.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import re
 
@@ -37,3 +38,45 @@ def missing_packages() -> list[str]:
     system's caches are cleared first, so packages installed since are seen)."""
     importlib.invalidate_caches()
     return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+
+
+#: The oldest PyTorch that loads and runs the bundled TorchScript models (checked with
+#: `python Testing/torch_compat.py --python <a Python with that torch>`; 2.4.1 gave the same outputs).
+TORCH_MINIMUM = (2, 4)
+TORCH_REQUIREMENT = ">=2.4"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(2, 4, 1) from "2.4.1+cu121"; leading numbers only."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        numbers.append(int(digits.group()))
+    return tuple(numbers)
+
+
+def torch_version_problem(version: str | None = None) -> str | None:
+    """A sentence when the installed PyTorch (or `version`) is older than TORCH_MINIMUM, else None
+    (also when torch is not installed: `missing_packages` reports that). Reads the package metadata,
+    so torch is not imported."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    if _release(version) >= TORCH_MINIMUM:
+        return None
+    return (f"PyTorch {version} is too old for the bundled models (torch{TORCH_REQUIREMENT} is needed): update it "
+            "with 'Install dependencies' or the PyTorch Utils module, then restart Slicer")
+
+
+def dependency_problem() -> str | None:
+    """What keeps the modules from running, as one sentence for the panel (missing packages or a
+    too old PyTorch); None when every dependency is usable."""
+    missing = missing_packages()
+    if missing:
+        return (f"Missing Python packages: {', '.join(missing)}. Click 'Install dependencies' "
+                "(PyTorch comes from the PyTorch extension).")
+    return torch_version_problem()
