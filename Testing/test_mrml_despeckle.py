@@ -77,3 +77,7 @@ def test_background_process_gives_the_same_output_with_progress(scene, sequences
 
 def test_background_cancel_and_failure_leave_nothing(scene):
     selftests.scenario_background_cancel_and_failure(scene)
+
+
+def test_sample_data_load_with_their_truth(scene, sequences_logic):
+    selftests.scenario_sample_data(scene, sequences_logic)

@@ -55,6 +55,39 @@ class USDespeckle(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "OBNLM: Coupe et al., IEEE TIP 2009. The U-Net follows the 3D dense U-Net for ultrasound "
             "despeckling of 4D liver sequences. Sample data: PLUS toolkit (BSD-3-Clause), ITKUltrasound (Apache-2.0).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Two data sets in the Sample Data module's "Ultrasound" category: the project's simulated 4D
+    liver sequence with its true motion (simulated at first use, about 10 s, then cached) and a real
+    3D ultrasound volume of a spine phantom (shipped with the extension)."""
+    import SampleData
+
+    from us3d.resources import RESOURCES
+
+    spine = RESOURCES / "SampleData" / "SpinePhantomFreehandReconstructed.mha"
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Ultrasound", sampleName="US3DSpinePhantom", uris=spine.as_uri(), fileNames=spine.name,
+        nodeNames="US3D spine phantom", loadFileTypes="VolumeFile")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Ultrasound", sampleName="US3DLiverPhantom4D", uris="us3d-simulated-liver-phantom",
+        fileNames="bmode.seq.nrrd", nodeNames="US3D liver phantom", customDownloader=loadLiverPhantom)
+
+
+def loadLiverPhantom(*source) -> None:
+    """Sample Data's loader of the simulated liver sequence (called with the data source in recent
+    Slicer, with nothing in older ones): the sequence, its true motion as grid transforms and one
+    browser, shown in the views."""
+    if dependency_problem():
+        slicer.util.errorDisplay(dependency_problem())
+        return
+    from us3dmrml.sampledata import load_liver_phantom
+
+    with slicer.util.tryWithErrorDisplay(_("Simulating the liver sequence failed."), waitCursor=True):
+        cache = slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()
+        browser, bmode, _truth = load_liver_phantom(slicer.mrmlScene, cache, slicer.modules.sequences.logic())
+        slicer.util.setSliceViewerLayers(background=browser.GetProxyNode(bmode), fit=True)
 
 
 @parameterNodeWrapper

@@ -464,3 +464,39 @@ def scenario_background_registration(scene, sequences_logic=None) -> None:
         proxies = [browser.GetProxyNode(s) for s in (sequence, frames.warped_node, frames.transform_node)]
         _remove(scene, *proxies, browser, frames.warped_node, frames.transform_node, sequence, moving, fixed,
                 pair.warped_node, pair.transform_node)
+
+
+# --- Sample data ---------------------------------------------------------------------------------
+
+def scenario_sample_data(scene, sequences_logic=None) -> None:
+    """The sample data load: the simulated liver sequence with its true motion in one browser
+    (simulated once into the cache and reused, no half-written folder) and the real spine volume."""
+    import tempfile
+    from pathlib import Path
+
+    from us3dmrml.sampledata import liver_phantom_folder, load_liver_phantom, load_spine_volume
+
+    with tempfile.TemporaryDirectory() as cache:
+        browser, bmode, truth = load_liver_phantom(scene, cache, sequences_logic, frames=3)
+        spine = load_spine_volume(scene)
+        try:
+            assert bmode.GetNumberOfDataNodes() == 3 and truth.GetNumberOfDataNodes() == 3
+            assert [truth.GetNthIndexValue(n) for n in range(3)] == [bmode.GetNthIndexValue(n) for n in range(3)]
+            assert browser.GetMasterSequenceNode() is bmode and browser.IsSynchronizedSequenceNodeID(truth.GetID())
+            moved = truth.GetNthDataNode(2).GetTransformFromParent().GetDisplacementGrid()
+            assert truth.GetNthDataNode(2).IsA("vtkMRMLGridTransformNode")
+            assert max(abs(v) for v in moved.GetScalarRange()) > 0.5, "frame 2's true motion is under 0.5 mm"
+            assert array_from_volume_node(bmode.GetNthDataNode(0)).shape == (32, 128, 128)
+            assert array_from_volume_node(spine).ndim == 3 and array_from_volume_node(spine).max() > 0
+            folder = liver_phantom_folder(cache, 3)
+            stamp = (folder / "bmode.seq.nrrd").stat().st_mtime_ns
+            assert liver_phantom_folder(cache, 3) == folder and (folder / "bmode.seq.nrrd").stat().st_mtime_ns == stamp
+            assert sorted(p.name for p in Path(cache).iterdir()) == [folder.name], "a temporary folder was left"
+        finally:
+            proxies = [browser.GetProxyNode(s) for s in (bmode, truth)]
+            _remove(scene, *[p for p in proxies if p is not None], browser, bmode, truth, spine)
+
+
+DESPECKLE_SCENARIOS += ((scenario_background_volume_and_sequence, True), (scenario_background_cancel_and_failure, False),
+                        (scenario_sample_data, True))
+REGISTRATION_SCENARIOS += ((scenario_background_registration, True),)
