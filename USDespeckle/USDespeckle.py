@@ -200,31 +200,26 @@ class BackgroundRunMixin:
         return message
 
 
-class USDespeckleWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+class ModuleWidgetMixin(BackgroundRunMixin):
+    """The scripted-module template's widget life cycle, shared by USDespeckle and USRegistration:
+    the parameter node is bound to the GUI on enter and released on exit, a scene close cancels a
+    live run first (its nodes would belong to the closed scene), cleanup cancels and stops observing.
+    The widget provides `initializeParameterNode()` and `_checkCanApply()`; `onGuiConnected()` runs
+    after each `connectGui` (which refills combo boxes)."""
 
-    def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/USDespeckle.ui"))
+    def setupModuleUi(self, uiFile: str, logic) -> None:
+        """Load the .ui file into the panel, keep the logic, observe scene closes and connect the
+        Apply, Compare and Install buttons to onApplyButton, onCompareButton and onInstallButton."""
+        uiWidget = slicer.util.loadUI(self.resourcePath(uiFile))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = USDespeckleLogic()
-
+        self.logic = logic
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
-        self.ui.resultsTable.setHorizontalHeaderLabels([_("frame"), _("SMPI"), _("time (s)"), _("device")])
-        self.setupBackgroundRun()
-        self._updateDependencyState()
-        self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.cancelRun()
@@ -247,6 +242,37 @@ class USDespeckleWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTKObs
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.onGuiConnected()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def onGuiConnected(self) -> None:
+        pass
+
+
+class USDespeckleWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        self.setupModuleUi("UI/USDespeckle.ui", USDespeckleLogic())
+        self.ui.resultsTable.setHorizontalHeaderLabels([_("frame"), _("SMPI"), _("time (s)"), _("device")])
+        self.setupBackgroundRun()
+        self._updateDependencyState()
+        self.initializeParameterNode()
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
@@ -254,16 +280,8 @@ class USDespeckleWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTKObs
             if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
 
-    def setParameterNode(self, inputParameterNode: Optional[USDespeckleParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self._updateDeviceChoices()  # connectGui has just refilled the device list
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+    def onGuiConnected(self) -> None:
+        self._updateDeviceChoices()  # connectGui has just refilled the device list
 
     def _updateDependencyState(self) -> None:
         problem = dependency_problem()
@@ -466,6 +484,25 @@ class USDespeckleLogic(ScriptedLoadableModuleLogic):
         slicer.util.resetSliceViews()
 
 
+def runSelfTestScenarios(test, moduleName: str, scenariosName: str) -> None:
+    """Run the scenarios listed as `scenariosName` in us3dmrml.selftests on Slicer's scene, each on a
+    cleared scene; on a Slicer that cannot run them (too old, dependencies missing) say why and pass,
+    so a fresh install or the extension build farm does not fail on an import."""
+    if slicerTooOld() or dependency_problem():
+        test.delayDisplay(f"{moduleName} self-test skipped: " + (slicerTooOld() or dependency_problem()))
+        return
+    import us3dmrml.selftests
+
+    for scenario, needsSequencesLogic in getattr(us3dmrml.selftests, scenariosName):
+        test.setUp()
+        test.delayDisplay(f"Running {scenario.__name__}")
+        if needsSequencesLogic:
+            scenario(slicer.mrmlScene, slicer.modules.sequences.logic())
+        else:
+            scenario(slicer.mrmlScene)
+    test.delayDisplay(f"{moduleName} self-test passed")
+
+
 class USDespeckleTest(ScriptedLoadableModuleTest):
     """The scenarios of us3dmrml.selftests, on Slicer's scene (pytest runs them on slicer-core)."""
 
@@ -473,17 +510,4 @@ class USDespeckleTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        if slicerTooOld() or dependency_problem():
-            # a fresh Slicer or the extension build farm: say why, instead of failing on an import
-            self.delayDisplay("USDespeckle self-test skipped: " + (slicerTooOld() or dependency_problem()))
-            return
-        from us3dmrml.selftests import DESPECKLE_SCENARIOS
-
-        for scenario, needsSequencesLogic in DESPECKLE_SCENARIOS:
-            self.setUp()
-            self.delayDisplay(f"Running {scenario.__name__}")
-            if needsSequencesLogic:
-                scenario(slicer.mrmlScene, slicer.modules.sequences.logic())
-            else:
-                scenario(slicer.mrmlScene)
-        self.delayDisplay("USDespeckle self-test passed")
+        runSelfTestScenarios(self, "USDespeckle", "DESPECKLE_SCENARIOS")

@@ -13,7 +13,6 @@ from typing import Annotated, Optional
 
 import qt
 import slicer
-import vtk
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -29,7 +28,7 @@ if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOUR
 from us3d.dependencies import dependency_problem  # noqa: E402  (no torch import)
 from us3d.options import (DEFAULT_REFINE_STEPS, DEVICES, REGISTRATION_METHODS,  # noqa: E402  (no torch import)
                           REGISTRATION_PREPROCESSING)
-from USDespeckle import BackgroundRunMixin, slicerTooOld  # noqa: E402  (a dependency of this module: loaded first)
+from USDespeckle import ModuleWidgetMixin, runSelfTestScenarios, slicerTooOld  # noqa: E402  (a dependency of this module: loaded first)
 
 
 class USRegistration(ScriptedLoadableModule):
@@ -74,7 +73,7 @@ class USRegistrationParameterNode:
     warpedVolume: vtkMRMLScalarVolumeNode
 
 
-class USRegistrationWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+class USRegistrationWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -85,56 +84,15 @@ class USRegistrationWidget(BackgroundRunMixin, ScriptedLoadableModuleWidget, VTK
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/USRegistration.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = USRegistrationLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
-        self.ui.installButton.connect("clicked(bool)", self.onInstallButton)
+        self.setupModuleUi("UI/USRegistration.ui", USRegistrationLogic())
         self.ui.resultsTable.setHorizontalHeaderLabels(
             [_("frame"), _("MSE before"), _("MSE after"), _("SMPI"), _("folding (%)"), _("time (s)")])
         self.ui.installButton.visible = bool(dependency_problem())
         self.setupBackgroundRun()
         self.initializeParameterNode()
 
-    def cleanup(self) -> None:
-        self.cancelRun()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.cancelRun()  # its nodes would belong to the scene being closed
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, inputParameterNode: Optional[USRegistrationParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         if self.isRunning() or not self._parameterNode:
@@ -296,17 +254,4 @@ class USRegistrationTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        if slicerTooOld() or dependency_problem():
-            # a fresh Slicer or the extension build farm: say why, instead of failing on an import
-            self.delayDisplay("USRegistration self-test skipped: " + (slicerTooOld() or dependency_problem()))
-            return
-        from us3dmrml.selftests import REGISTRATION_SCENARIOS
-
-        for scenario, needsSequencesLogic in REGISTRATION_SCENARIOS:
-            self.setUp()
-            self.delayDisplay(f"Running {scenario.__name__}")
-            if needsSequencesLogic:
-                scenario(slicer.mrmlScene, slicer.modules.sequences.logic())
-            else:
-                scenario(slicer.mrmlScene)
-        self.delayDisplay("USRegistration self-test passed")
+        runSelfTestScenarios(self, "USRegistration", "REGISTRATION_SCENARIOS")
