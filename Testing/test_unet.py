@@ -181,3 +181,22 @@ def test_bundled_models_load_by_name(name):
     model = load_model(name)
     assert model.metadata["target"] == {"unet-obnlm": "obnlm", "unet-sim": "clean"}[name]
     assert (bundle.MODELS_DIR / f"{name}.md").exists()
+
+
+def test_tiles_cover_every_axis_with_little_overlap_work():
+    """Issue 15: on a 128x512x512 volume the tiles cost at most 1.3x the untiled work per voxel
+    (three 256-voxel tiles per in-plane axis cost 3.4x), and every layout covers its axis with
+    neighbours overlapping by at least the requested overlap."""
+    from us3d.models.inference import DEFAULT_TILE, TILE_OVERLAP, tile_layout
+
+    work = 1.0
+    for size, tile, overlap, multiple in zip((128, 512, 512), DEFAULT_TILE, TILE_OVERLAP, (1, 16, 16)):
+        length, starts = tile_layout(size, tile, overlap, multiple)
+        work *= length * len(starts) / size
+    assert work <= 1.3, work
+    for size in range(10, 700, 7):
+        for tile, overlap, multiple in ((64, 8, 1), (256, 32, 16), (48, 12, 16)):
+            length, starts = tile_layout(size, tile, overlap, multiple)
+            assert starts[0] == 0 and starts[-1] + length == size and length <= max(size, 0)
+            assert length <= tile + overlap + multiple - 1 or len(starts) == 1
+            assert all(b - a <= length - overlap for a, b in zip(starts, starts[1:])), (size, tile, starts, length)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from us3d.models.unet import SIZE_MULTIPLE
 
-#: Largest tile (k, j, i) in voxels per axis; bigger volumes are split into overlapping tiles.
+#: Largest tile (k, j, i) in voxels per axis (plus up to TILE_OVERLAP, see `tile_layout`); bigger
+#: volumes are split into overlapping tiles.
 DEFAULT_TILE = (64, 256, 256)
 #: Overlap of neighbouring tiles (k, j, i) in voxels, blended with linear ramps.
 TILE_OVERLAP = (8, 32, 32)
@@ -43,12 +44,23 @@ def normalisation(volume: np.ndarray, mapping: str = "standardise") -> tuple[flo
     return offset, scale if scale > 0 else 1.0
 
 
-def _starts(size: int, tile: int, overlap: int) -> list[int]:
+def tile_layout(size: int, tile: int, overlap: int, multiple: int = 1) -> tuple[int, list[int]]:
+    """(tile length, tile starts) along one axis of `size` voxels: the fewest tiles, all of one
+    length, evenly spread, neighbours overlapping by at least `overlap`. A tile may be up to `overlap`
+    voxels longer than `tile` when that saves a whole tile (512 voxels: two tiles of 272, not three
+    of 256); lengths are multiples of `multiple` unless a tile spans the axis. The work per voxel
+    along the axis is then about 1 + (tiles - 1) * overlap / size."""
     if size <= tile:
-        return [0]
-    step = tile - overlap
-    starts = list(range(0, size - tile, step))
-    return starts + [size - tile]
+        return size, [0]
+    count = 2
+    while True:
+        length = -(-(size + (count - 1) * overlap) // count)
+        length = min(size, -(-length // multiple) * multiple)
+        if length <= tile + overlap or length <= multiple:  # (a tile cannot be shorter than `multiple`)
+            break
+        count += 1
+    starts = [round(n * (size - length) / (count - 1)) for n in range(count)]
+    return length, starts
 
 
 def _ramp(length: int, overlap: int, first: bool, last: bool) -> np.ndarray:
@@ -79,7 +91,10 @@ def _predict_normalised(module, frames: torch.Tensor, tile: tuple[int, int, int]
     t, *shape = frames.shape
     tile = tuple(min(s, m) for s, m in zip(shape, tile))
     overlap = tuple(min(o, m // 4) for o, m in zip(TILE_OVERLAP, tile))
-    starts = [_starts(s, m, o) for s, m, o in zip(shape, tile, overlap)]
+    layouts = [tile_layout(s, m, o, multiple) for s, m, o, multiple in
+               zip(shape, tile, overlap, (1, SIZE_MULTIPLE, SIZE_MULTIPLE))]
+    tile = tuple(length for length, _ in layouts)
+    starts = [axis_starts for _, axis_starts in layouts]
     if all(len(s) == 1 for s in starts):
         outputs = [_run_padded(module, frames[b:b + batch_frames, None])[:, 0]
                    for b in range(0, t, batch_frames)]
