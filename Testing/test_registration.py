@@ -88,3 +88,25 @@ def test_large_motion_lowers_the_mse_instead_of_raising_it():
     assert result.mse_after < 0.5 * result.mse_before
     # the warped volume itself keeps the usual zero outside the moving volume
     assert sitk.GetArrayViewFromImage(result.warped)[:, :, -5:].max() == 0
+
+
+def test_sequence_frames_stream_one_at_a_time():
+    """Issue 15: `frame_results` registers a frame only when the caller asks for it, so a long 4D
+    sequence never holds every field at once; bad input is refused before any frame is registered."""
+    from us3d.io import VolumeSequence
+    from us3d.registration.pairs import Registrar, RegistrationSettings
+
+    frames = np.stack([sitk.GetArrayFromImage(shifted_blobs(shift_mm=(0.4 * t, 0.0, 0.0))) for t in range(3)])
+    sequence = VolumeSequence(frames.astype(np.float32), (0.4, 0.3, 0.8))
+    registrar = Registrar(RegistrationSettings(method="translation", refine_steps=0, device="cpu"))
+    made = []
+    original = registrar.field
+    registrar.field = lambda *args, **kwargs: made.append(1) or original(*args, **kwargs)
+    with pytest.raises(InputError):
+        registrar.frame_results(sequence, moving=5)
+    frames_out = registrar.frame_results(sequence)
+    assert made == []
+    first = next(frames_out)
+    assert len(made) == 1 and first.field is not None
+    rest = list(frames_out)
+    assert len(made) == 3 and len(rest) == 2 and rest[-1].mse_after < rest[-1].mse_before

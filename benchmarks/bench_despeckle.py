@@ -190,8 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a code-path check on tiny crops (for the test suite)")
     parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS-despeckle.md")))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scaling", nargs="+", metavar="METHOD",
+                        help="only the scaling study of these methods (names as in the tables), printed with the "
+                             "cost per voxel against 256x256x64; RESULTS is not rewritten")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.scaling:
+        return scaling_only(args.scaling, args.threads)
     if args.tiny:
         seeds, real_names, crop, sizes, lengths, args.repeats = SEEDS[:1], REAL[:1], np.s_[12:20, 48:80, 48:80], \
             SIZES[:1], (1, 2), 1
@@ -218,6 +223,27 @@ def main(argv: list[str] | None = None) -> int:
     text = report(rows, times, peaks, scale, sequences, args, figure_path.name)
     output.write_text(text)
     print(text)
+    return 0
+
+
+def scaling_only(names: list[str], threads: int) -> int:
+    """Print seconds, peak memory and the time per voxel relative to 256x256x64 for each size."""
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        print(f"unknown method {unknown[0]!r}; one of: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    volume = simulate_volume(SEEDS[1]).bmode[0].astype(np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        scale = scaling(volume, SIZES, threads, Path(folder), {name: METHODS[name] for name in names})
+    print(f"| method | size | seconds | peak memory (MiB) | time per voxel / 256x256x64 |  ({threads} threads)")
+    print("|---|---|---|---|---|")
+    for name, per in scale.items():
+        reference = per.get((64, 256, 256))
+        for shape, figures in per.items():
+            ratio = (figures["seconds"] / np.prod(shape)) / (reference["seconds"] / np.prod((64, 256, 256))) \
+                if reference else float("nan")
+            print(f"| {name} | {shape[2]}x{shape[1]}x{shape[0]} | {figures['seconds']:.2f} | "
+                  f"{figures['peak_mib']:.0f} | {ratio:.2f} |")
     return 0
 
 

@@ -311,12 +311,27 @@ METRIC_COLUMNS = ("frame", "index_value", "mse_before", "mse_after", "smpi", "fo
                   "endpoint_error_mean_mm", "endpoint_error_p95_mm", "seconds", "resampled")
 
 
+class _FieldFiles:
+    """True fields read from their files one at a time, when a frame asks for its own."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, t: int):
+        from us3d.registration.fields import read_field
+
+        return read_field(self.paths[t])
+
+
 def cmd_register_sequence(args: argparse.Namespace) -> int:
     import csv
+    import dataclasses
     import io
 
     from us3d.io import atomic_outputs, read_sequence, write_any
-    from us3d.registration.fields import read_field
     from us3d.registration.pairs import Registrar
 
     outdir = Path(args.outdir)
@@ -346,27 +361,34 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
         missing = [str(p) for p in truth_paths if not p.is_file()]
         if missing:
             raise InputError(f"true field {missing[0]} not found (us3d phantom --truth-dir writes them)")
-        truths = [read_field(p) for p in truth_paths]
+        truths = _FieldFiles(truth_paths)
     outputs = [outdir / "warped.seq.nrrd"] + [outdir / f"displacement_{t:03d}.mha" for t in range(count)]
     outputs.append(outdir / "metrics.csv")
     if Path(args.sequence).resolve() in {path.resolve() for path in outputs}:
         raise InputError(f"{args.sequence} would be overwritten by an output; choose another folder")
     registrar = Registrar(_registration_settings(args))
-    results = registrar.register_sequence(sequence, moving, truths, progress=ProgressBar("register"))
+    frames = registrar.frame_results(sequence, moving, truths, progress=ProgressBar("register"))
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(METRIC_COLUMNS)
-    for t, result in enumerate(results):
-        epe = result.endpoint_error or (float("nan"), float("nan"))
-        writer.writerow([t, sequence.index_values[t], f"{result.mse_before:.6f}", f"{result.mse_after:.6f}",
-                         "" if result.smpi is None else f"{result.smpi:.4f}", f"{100 * result.folding:.4f}",
-                         "" if truths is None else f"{epe[0]:.4f}", "" if truths is None else f"{epe[1]:.4f}",
-                         f"{result.seconds:.3f}", int(result.resampled)])
-    warped = sequence.with_frames(np.stack([sitk.GetArrayFromImage(r.warped) for r in results]))
-    with _created_folder(outdir), atomic_outputs(outputs) as temporaries:  # the folder only now that all is done
-        write_any(warped, temporaries[0])
-        for temporary, result in zip(temporaries[1:-1], results):
-            write_any(result.field, temporary)
+    results, warped = [], None
+    # Frames stream through: each field is written as soon as it is made and only its figures are
+    # kept, so memory does not grow with the frame count; the outputs appear (and the folder stays)
+    # only once every frame is done.
+    with _created_folder(outdir), atomic_outputs(outputs) as temporaries:
+        for t, result in enumerate(frames):
+            write_any(result.field, temporaries[1 + t])
+            frame = sitk.GetArrayViewFromImage(result.warped)
+            if warped is None:
+                warped = np.empty((count,) + frame.shape, frame.dtype)
+            warped[t] = frame
+            epe = result.endpoint_error or (float("nan"), float("nan"))
+            writer.writerow([t, sequence.index_values[t], f"{result.mse_before:.6f}", f"{result.mse_after:.6f}",
+                             "" if result.smpi is None else f"{result.smpi:.4f}", f"{100 * result.folding:.4f}",
+                             "" if truths is None else f"{epe[0]:.4f}", "" if truths is None else f"{epe[1]:.4f}",
+                             f"{result.seconds:.3f}", int(result.resampled)])
+            results.append(dataclasses.replace(result, field=None, warped=None))
+        write_any(sequence.with_frames(warped), temporaries[0])
         Path(temporaries[-1]).write_text(table.getvalue())
     print(table.getvalue(), end="")
     others = [r for t, r in enumerate(results) if t != args.moving_frame] or results

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -278,8 +278,18 @@ class Registrar:
 
         The sequence and the moving volume are pre-processed once; `truths`: the true field of each
         frame (frame t <- the moving volume), for endpoint errors. `progress(done, total)` after
-        each frame; `cancel()` returning True stops with `Cancelled`.
+        each frame; `cancel()` returning True stops with `Cancelled`. Every frame's field and warped
+        volume are kept: for long sequences, `frame_results` hands them out one at a time instead.
         """
+        return list(self.frame_results(sequence, moving, truths, progress, cancel))
+
+    def frame_results(self, sequence: VolumeSequence, moving: int | sitk.Image = 0,
+                      truths: list[sitk.Image] | None = None,
+                      progress: Callable[[int, int], None] | None = None,
+                      cancel: Callable[[], bool] | None = None) -> Iterator[PairResult]:
+        """`register_sequence` one frame at a time (an iterator): the caller writes each frame's
+        field and warped volume and drops them, so memory does not grow with the frame count. The
+        inputs are checked before the first frame is registered."""
         if len(sequence) == 0:
             raise InputError("the sequence has no frames")
         if isinstance(moving, (int, np.integer)):
@@ -290,9 +300,12 @@ class Registrar:
             moving_image, resampled = on_fixed_grid(sequence.frame_image(0), moving)
         if truths is not None and len(truths) != len(sequence):
             raise InputError(f"{len(truths)} true fields for {len(sequence)} frames")
+        return self._frame_results(sequence, moving, moving_image, resampled, truths, progress, cancel)
+
+    def _frame_results(self, sequence, moving, moving_image, resampled, truths, progress, cancel):
         prepared = self.preprocess(sequence, cancel)
         moving_in = self.preprocess(moving_image, cancel)
-        results, previous = [], None
+        previous = None
         for t in range(len(sequence)):
             if cancel is not None and cancel():
                 raise Cancelled()
@@ -304,10 +317,9 @@ class Registrar:
             result = self._measure(fixed, fixed_in, moving_image, moving_in, field, time.perf_counter() - start,
                                    None if truths is None else truths[t], None)
             result.resampled = resampled
-            results.append(result)
             if progress is not None:
                 progress(t + 1, len(sequence))
-        return results
+            yield result
 
 
 def _gaussian_blur(volume: np.ndarray, sigma: float = 1.0) -> np.ndarray:
