@@ -97,3 +97,20 @@ def test_too_old_torch_is_reported_without_importing_it(monkeypatch):
     assert "1.13.1" in dependencies.dependency_problem()
     monkeypatch.setattr(dependencies, "missing_packages", lambda: ["numba"])
     assert "numba" in dependencies.dependency_problem()
+
+
+def test_cuda_probe_does_not_import_torch(monkeypatch):
+    """The panels grey out "cuda" without importing torch on Slicer's GUI thread (seconds of freeze)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    code = ("import sys; from us3d.dependencies import cuda_may_be_available; cuda_may_be_available(); "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    from us3d import dependencies
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.13.0+cpu")
+    assert dependencies.cuda_may_be_available() is False

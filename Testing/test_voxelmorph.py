@@ -34,6 +34,9 @@ def test_correlation_peaks_at_the_true_offset():
     inner = cost[0, :, 2:-2, 3:-3, 3:-3].mean((1, 2, 3))
     k, j, i = np.unravel_index(int(inner.argmax()), (3, 5, 5))
     assert (k - 1, j - 2, i - 2) == (-1, 2, -1)
+    # cosine similarity of feature vectors: within [-1, 1], 1 where fixed is moving moved by the offset
+    assert float(cost.abs().max()) <= 1 + 1e-5
+    assert torch.allclose(cost[0, 21, 2:-2, 3:-3, 3:-3], torch.ones(1), atol=1e-4)
 
 
 def test_network_starts_near_identity_and_keeps_any_shape():

@@ -29,7 +29,7 @@ if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOUR
     sys.path.append(_SOURCE_ROOT)
 
 from us3d.dependencies import (PIP_REQUIREMENTS, REQUIREMENTS_FILE, TORCH_REQUIREMENT,  # noqa: E402  (no torch)
-                               dependency_problem, missing_packages, torch_version_problem)
+                               cuda_may_be_available, dependency_problem, missing_packages, torch_version_problem)
 from us3d.options import DEVICES, OBNLM_MODES  # noqa: E402  (no torch import)
 from us3d.resources import bundled_model_names  # noqa: E402
 
@@ -354,9 +354,8 @@ class USDespeckleLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def cudaAvailable() -> bool:
-        import torch
-
-        return torch.cuda.is_available()
+        """Without importing torch on the GUI thread (see us3d.dependencies.cuda_may_be_available)."""
+        return cuda_may_be_available()
 
     @staticmethod
     def installDependencies() -> None:

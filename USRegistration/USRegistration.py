@@ -25,7 +25,7 @@ _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("us3d") is None and os.path.isdir(os.path.join(_SOURCE_ROOT, "us3d")):
     sys.path.append(_SOURCE_ROOT)
 
-from us3d.dependencies import dependency_problem  # noqa: E402  (no torch import)
+from us3d.dependencies import cuda_may_be_available, dependency_problem  # noqa: E402  (no torch import)
 from us3d.options import (DEFAULT_REFINE_STEPS, DEVICES, REGISTRATION_METHODS,  # noqa: E402  (no torch import)
                           REGISTRATION_PREPROCESSING)
 from USDespeckle import ModuleWidgetMixin, runSelfTestScenarios, slicerTooOld  # noqa: E402  (a dependency of this module: loaded first)
@@ -175,11 +175,8 @@ class USRegistrationLogic(ScriptedLoadableModuleLogic):
                 check_volume_node(node)
             except InputError as error:
                 return f"{label}: {error}"
-        if params.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                return _("No CUDA GPU is available; choose auto or cpu")
+        if params.device == "cuda" and not cuda_may_be_available():
+            return _("No CUDA GPU is available; choose auto or cpu")
         return None
 
     @staticmethod

@@ -80,3 +80,22 @@ def dependency_problem() -> str | None:
         return (f"Missing Python packages: {', '.join(missing)}. Click 'Install dependencies' "
                 "(PyTorch comes from the PyTorch extension).")
     return torch_version_problem()
+
+
+def cuda_may_be_available() -> bool:
+    """Whether PyTorch may see a CUDA GPU, answered without importing torch (which takes seconds and
+    would freeze Slicer's panel): when torch is imported already, its own answer; otherwise True if
+    the installed torch is not a CPU-only build ("+cpu" in its version, or macOS) and the NVIDIA
+    driver library is present. A run on "cuda" still checks for itself."""
+    import ctypes.util
+    import sys
+
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if "+cpu" in version or sys.platform == "darwin":
+        return False
+    return ctypes.util.find_library("nvcuda" if sys.platform == "win32" else "cuda") is not None
