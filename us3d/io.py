@@ -19,10 +19,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from us3d.errors import InputError
+from us3d.geometry import LPS_FROM_RAS
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 SEQUENCE_SUFFIX = ".seq.nrrd"
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 @dataclasses.dataclass
@@ -177,7 +177,7 @@ def read_sequence(path: str | os.PathLike) -> VolumeSequence:
     origin = np.asarray(header.get("space origin", [0.0, 0.0, 0.0]), dtype=float)
     space = header.get("space", "left-posterior-superior").lower()
     if space in ("right-anterior-superior", "ras"):
-        matrix, origin = _RAS_TO_LPS @ matrix, _RAS_TO_LPS @ origin
+        matrix, origin = LPS_FROM_RAS @ matrix, LPS_FROM_RAS @ origin
     elif space not in ("left-posterior-superior", "lps"):
         raise InputError(f"{path}: unsupported NRRD space {space!r}")
     spacing = np.linalg.norm(matrix, axis=0)

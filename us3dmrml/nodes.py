@@ -12,9 +12,9 @@ import vtk
 from vtk.util import numpy_support
 
 from us3d.errors import InputError
+from us3d.geometry import LPS_FROM_RAS
 from us3d.io import VolumeSequence
 
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 def check_volume_node(node) -> None:
@@ -62,13 +62,17 @@ def image_from_volume_node(node) -> sitk.Image:
     return image
 
 
-def _set_geometry(node, spacing, origin_lps, direction_lps) -> None:
-    direction_ras = LPS_FROM_RAS @ np.reshape(direction_lps, (3, 3))
+def vtk_matrix(direction: np.ndarray) -> vtk.vtkMatrix4x4:
+    """A vtkMatrix4x4 whose upper-left 3x3 block is `direction` (the rest identity)."""
     matrix = vtk.vtkMatrix4x4()
     for r in range(3):
         for c in range(3):
-            matrix.SetElement(r, c, direction_ras[r, c])
-    node.SetIJKToRASDirectionMatrix(matrix)
+            matrix.SetElement(r, c, float(direction[r][c]))
+    return matrix
+
+
+def _set_geometry(node, spacing, origin_lps, direction_lps) -> None:
+    node.SetIJKToRASDirectionMatrix(vtk_matrix(LPS_FROM_RAS @ np.reshape(direction_lps, (3, 3))))
     node.SetSpacing(*spacing)
     node.SetOrigin(*(LPS_FROM_RAS @ np.asarray(origin_lps, float)))
 

@@ -13,9 +13,10 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from us3d.geometry import LPS_FROM_RAS
 from us3d.registration.fields import field_array
+from us3dmrml.nodes import vtk_matrix
 
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
 
 
 def grid_transform_from_field(field: sitk.Image) -> "slicer.vtkOrientedGridTransform":
@@ -29,14 +30,9 @@ def grid_transform_from_field(field: sitk.Image) -> "slicer.vtkOrientedGridTrans
                                          array_type=vtk.VTK_DOUBLE)
     vectors.SetNumberOfComponents(3)
     grid.GetPointData().SetScalars(vectors)
-    direction = LPS_FROM_RAS @ np.reshape(field.GetDirection(), (3, 3))
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(3):
-        for c in range(3):
-            matrix.SetElement(r, c, direction[r, c])
     transform = slicer.vtkOrientedGridTransform()
     transform.SetDisplacementGridData(grid)
-    transform.SetGridDirectionMatrix(matrix)
+    transform.SetGridDirectionMatrix(vtk_matrix(LPS_FROM_RAS @ np.reshape(field.GetDirection(), (3, 3))))
     transform.SetInterpolationModeToLinear()
     return transform
 
