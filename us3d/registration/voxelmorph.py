@@ -28,20 +28,14 @@ def _identity_grid(shape: List[int], device: torch.device) -> torch.Tensor:
 
 
 def transform(moving: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-    """moving(x + u(x)), trilinear, edge values outside; u in voxels, (b, 3, k, j, i), channels (k, j, i)."""
+    """moving(x + u(x)), trilinear, edge values outside; u in voxels, (b, 3, k, j, i), channels (k, j, i)
+    (VoxelMorph's spatial transformer)."""
     shape = list(displacement.shape[2:])
     position = _identity_grid(shape, displacement.device)[None] + displacement
     # grid_sample wants (x, y, z) = (i, j, k) normalised to [-1, 1] with align_corners=True
     normalised = torch.stack([2 * position[:, 2 - axis] / max(shape[2 - axis] - 1, 1) - 1 for axis in range(3)],
                              dim=-1)
     return F.grid_sample(moving, normalised, mode="bilinear", padding_mode="border", align_corners=True)
-
-
-class SpatialTransformer(nn.Module):
-    """`transform` as a module (VoxelMorph's name for it)."""
-
-    def forward(self, moving: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-        return transform(moving, displacement)
 
 
 def _peak(score: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -160,17 +154,25 @@ def normalised(volume: torch.Tensor) -> torch.Tensor:
     return (volume - mean) / torch.where(std > 0, std, torch.ones_like(std))
 
 
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """Features divided by their length over the channels at each voxel."""
+    return features / (features.pow(2).sum(1, keepdim=True) + 1e-6).sqrt()
+
+
 def correlation(fixed: torch.Tensor, moving: torch.Tensor, radius: List[int]) -> torch.Tensor:
-    """Cost volume: for every offset o within `radius` (k, j, i) voxels, the channel mean of
-    fixed(x) * moving(x + o); (b, n_offsets, k, j, i), offsets in k-major order, zeros outside."""
+    """Cost volume: for every offset o within `radius` (k, j, i) voxels, the cosine similarity of the
+    feature vectors fixed(x) and moving(x + o), in [-1, 1]; (b, n_offsets, k, j, i), offsets in
+    k-major order, zeros outside. (A plain channel mean of products was about 1e-4 of the
+    estimator's other inputs at initialisation, and training hardly used it.)"""
     rk, rj, ri = radius[0], radius[1], radius[2]
     k, j, i = fixed.shape[2], fixed.shape[3], fixed.shape[4]
+    fixed, moving = _unit(fixed), _unit(moving)
     padded = F.pad(moving, [ri, ri, rj, rj, rk, rk])
     out: List[torch.Tensor] = []
     for dk in range(2 * rk + 1):
         for dj in range(2 * rj + 1):
             for di in range(2 * ri + 1):
-                out.append((fixed * padded[:, :, dk:dk + k, dj:dj + j, di:di + i]).mean(1))
+                out.append((fixed * padded[:, :, dk:dk + k, dj:dj + j, di:di + i]).sum(1))
     return torch.stack(out, 1)
 
 
@@ -178,11 +180,19 @@ def _offsets(radius: tuple[int, int, int]) -> int:
     return (2 * radius[0] + 1) * (2 * radius[1] + 1) * (2 * radius[2] + 1)
 
 
+def _resize(volume: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """Trilinear resampling of (b, c, k, j, i) to `size` (k, j, i), half-pixel centres (what
+    `F.interpolate(..., mode="trilinear", align_corners=False)` does). The ATen operator is called
+    directly: TorchScript would otherwise inline this torch's `F.interpolate`, whose code names
+    operators that older torch releases lack."""
+    return torch._C._nn.upsample_trilinear3d(volume, size, False)
+
+
 def _rescaled(displacement: torch.Tensor, size: List[int]) -> torch.Tensor:
     """A voxel displacement resampled onto a grid of `size` covering the same volume (voxels
     `old / size` times larger, as strided convolutions make them), components rescaled to it."""
     old = [displacement.shape[2], displacement.shape[3], displacement.shape[4]]
-    resized = F.interpolate(displacement, size=size, mode="trilinear", align_corners=False)
+    resized = _resize(displacement, size)
     scale = torch.tensor([size[0] / old[0], size[1] / old[1], size[2] / old[2]], dtype=displacement.dtype,
                          device=displacement.device)
     return resized * scale.view(1, 3, 1, 1, 1)
@@ -231,7 +241,8 @@ class _Estimator(nn.Module):
 
 class VoxelMorph(nn.Module):
     """(fixed, moving) volumes (b, 1, k, j, i), any intensity scale -> displacement in voxels
-    (b, 3, k, j, i), channels (k, j, i): warping moving by it (`SpatialTransformer`) aligns it to fixed.
+    (b, 3, k, j, i), channels (k, j, i): warping moving by it (`transform`, VoxelMorph's spatial
+    transformer) aligns it to fixed.
 
     The bundled registration network: VoxelMorph's setting (a CNN maps the pair to a dense
     displacement, applied by a spatial transformer, trainable with MSE + smoothness alone), with
@@ -303,13 +314,13 @@ class VoxelMorph(nn.Module):
                 logits = torch.full([batch, 3, size[0], size[1], size[2]], 4.0, device=fixed.device)
                 residual = torch.zeros([batch, 3, size[0], size[1], size[2]], device=fixed.device)
             else:
-                logits = F.interpolate(logits, size=size, mode="trilinear", align_corners=False)
+                logits = _resize(logits, size)
                 residual = _rescaled(residual, size)
             flow = bulk * torch.sigmoid(logits) + residual
             inputs = [correlation(f, transform(m, flow), self.radii[level])]
             if max(self.still_radii[level]) > 0:
                 inputs.append(correlation(f, m, self.still_radii[level]))
-            increment = estimator(torch.cat(inputs + [f, flow, logits / 4.0], 1))
+            increment = estimator(torch.cat(inputs + [_unit(f), flow / 4.0, logits / 4.0], 1))
             logits = logits + increment[:, :3]
             residual = residual + increment[:, 3:]
             if every_level or level == 2:
