@@ -45,7 +45,9 @@ def test_network_starts_near_identity_and_keeps_any_shape():
     volume = torch.rand(1, 1, 13, 40, 50)  # not multiples of 8 x 16 x 16
     displacement = model(volume, volume)  # identical volumes: no pre-alignment shift, a near-zero network field
     assert displacement.shape == (1, 3, 13, 40, 50)
-    assert displacement.abs().max() < 1e-2
+    # the output layer starts at weights of std 1e-3 on unit-scale inputs (cosine cost volumes, unit
+    # features): a few hundredths of a voxel at most, against motions of several voxels
+    assert displacement.abs().max() < 0.05
 
 
 def test_network_output_does_not_depend_on_the_intensity_scale():

@@ -60,7 +60,7 @@ class USDespeckle(ScriptedLoadableModule):
 
 def registerSampleData() -> None:
     """Two data sets in the Sample Data module's "Ultrasound" category: the project's simulated 4D
-    liver sequence with its true motion (simulated at first use, about 10 s, then cached) and a real
+    liver sequence with its true motion (simulated at first use, then cached) and a real
     3D ultrasound volume of a spine phantom (shipped with the extension)."""
     import SampleData
 

@@ -29,7 +29,7 @@ LIVER_FRAMES, LIVER_SEED = 8, 0
 def liver_phantom_folder(cache: str | os.PathLike, frames: int = LIVER_FRAMES, seed: int = LIVER_SEED) -> Path:
     """The folder in `cache` holding the simulated sequence (`bmode.seq.nrrd`) and its truth
     (`truth/displacement_NNN.mha`, as `us3d phantom --truth-dir` writes it); simulated on the first
-    call (about 10 s), complete or absent: it is written under another name and renamed at the end."""
+    call, complete or absent: it is written under another name and renamed at the end."""
     from us3d import simulate
     from us3d.phantom.export import write_phantom
 
