@@ -26,7 +26,7 @@ from us3d.registration.fields import read_field
 from us3d.registration.pairs import PairResult, Registrar, RegistrationSettings
 from us3dmrml.background import BackgroundRun, new_folder
 from us3dmrml.nodes import image_from_volume_node, new_sequence_node, new_volume_node, sequence_from_sequence_node
-from us3dmrml.transforms import grid_transform_from_field, new_grid_transform_node
+from us3dmrml.transforms import grid_transform_sequence, new_grid_transform_node
 
 
 @dataclasses.dataclass
@@ -47,21 +47,13 @@ def _pair_outputs(scene, fixed_node, moving_node, result: PairResult) -> Registr
 
 def _sequence_outputs(scene, fixed_sequence, moving_node, results: list[PairResult], browser_node,
                       sequences_logic) -> RegistrationRun:
-    import slicer
-
     values = [fixed_sequence.GetNthIndexValue(n) for n in range(fixed_sequence.GetNumberOfDataNodes())]
     name = f"{moving_node.GetName()} to {fixed_sequence.GetName()}"
     warped_frames = VolumeSequence.from_images([r.warped for r in results], values, fixed_sequence.GetIndexName(),
                                                fixed_sequence.GetIndexUnit(), fixed_sequence.GetIndexTypeAsString())
-    transforms = slicer.vtkMRMLSequenceNode()
-    transforms.SetName(scene.GenerateUniqueName(f"{name} displacement"))
-    transforms.SetIndexName(fixed_sequence.GetIndexName())
-    transforms.SetIndexUnit(fixed_sequence.GetIndexUnit())
-    transforms.SetIndexType(fixed_sequence.GetIndexType())
-    for result, value in zip(results, values):
-        grid = slicer.vtkMRMLGridTransformNode()
-        grid.SetAndObserveTransformFromParent(grid_transform_from_field(result.field))
-        transforms.SetDataNodeAtValue(grid, value)
+    transforms = grid_transform_sequence(scene, [r.field for r in results], values, f"{name} displacement",
+                                         fixed_sequence.GetIndexName(), fixed_sequence.GetIndexUnit(),
+                                         fixed_sequence.GetIndexTypeAsString())
     warped = new_sequence_node(scene, warped_frames, f"{name} warped")  # into the scene only now that all is made
     scene.AddNode(transforms)
     if browser_node is not None:

@@ -17,7 +17,7 @@ import slicer
 
 from us3d.resources import RESOURCES
 from us3dmrml.nodes import new_sequence_node, new_volume_node
-from us3dmrml.transforms import grid_transform_from_field
+from us3dmrml.transforms import grid_transform_sequence
 
 LIVER_PHANTOM = "US3D liver phantom"
 SPINE_PHANTOM = "US3D spine phantom"
@@ -61,16 +61,9 @@ def load_liver_phantom(scene, cache: str | os.PathLike, sequences_logic=None,
 
     folder = liver_phantom_folder(cache, frames)
     sequence = read(folder / "bmode.seq.nrrd")
-    truth = slicer.vtkMRMLSequenceNode()
-    truth.SetName(scene.GenerateUniqueName(f"{LIVER_PHANTOM} true motion"))
-    truth.SetIndexName(sequence.index_name)
-    truth.SetIndexUnit(sequence.index_unit)
-    truth.SetIndexTypeFromString(sequence.index_type)
-    for t, value in enumerate(sequence.index_values):
-        grid = slicer.vtkMRMLGridTransformNode()
-        grid.SetAndObserveTransformFromParent(grid_transform_from_field(read_field(folder / "truth" /
-                                                                                   f"displacement_{t:03d}.mha")))
-        truth.SetDataNodeAtValue(grid, value)
+    fields = (read_field(folder / "truth" / f"displacement_{t:03d}.mha") for t in range(len(sequence)))
+    truth = grid_transform_sequence(scene, fields, sequence.index_values, f"{LIVER_PHANTOM} true motion",
+                                    sequence.index_name, sequence.index_unit, sequence.index_type)
     bmode = new_sequence_node(scene, sequence, LIVER_PHANTOM)
     scene.AddNode(truth)
     browser = slicer.vtkMRMLSequenceBrowserNode()

@@ -44,3 +44,19 @@ def new_grid_transform_node(scene, field: sitk.Image, name: str):
     scene.AddNode(node)
     node.SetAndObserveTransformFromParent(grid_transform_from_field(field))
     return node
+
+
+def grid_transform_sequence(scene, fields, index_values: list[str], name: str, index_name: str = "time",
+                            index_unit: str = "s", index_type: str = "numeric"):
+    """A sequence node (not yet in `scene`, named uniquely in it) of grid transform nodes, one per
+    field (`fields` may be any iterable, read one at a time) at `index_values`."""
+    sequence = slicer.vtkMRMLSequenceNode()
+    sequence.SetName(scene.GenerateUniqueName(name))
+    sequence.SetIndexName(index_name)
+    sequence.SetIndexUnit(index_unit)
+    sequence.SetIndexTypeFromString(index_type)
+    for field, value in zip(fields, index_values):
+        grid = slicer.vtkMRMLGridTransformNode()
+        grid.SetAndObserveTransformFromParent(grid_transform_from_field(field))
+        sequence.SetDataNodeAtValue(grid, value)
+    return sequence
