@@ -77,6 +77,19 @@ def test_tiles_are_blended_without_seams():
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
 
 
+def test_predict_runs_in_the_precision_of_the_module():
+    """A module cast to bfloat16 gets bfloat16 frames (the benchmark's bf16 rows) and float32 comes back."""
+    torch.manual_seed(0)
+    module = torch.nn.Conv3d(1, 1, 3, padding=1)
+    volume = np.random.default_rng(6).gamma(2.0, 30.0, (1, 4, 16, 16)).astype(np.float32)
+    full = predict(module, volume, CPU)
+    low = torch.nn.Conv3d(1, 1, 3, padding=1)
+    low.load_state_dict(module.state_dict())
+    half = predict(low.to(torch.bfloat16), volume, CPU)
+    assert half.dtype == np.float32 and not np.array_equal(half, full)
+    np.testing.assert_allclose(half, full, atol=0.02 * float(np.ptp(full)))
+
+
 def test_tiled_u_net_is_close_to_whole_volume(model_file):
     module = load_model(str(model_file)).module
     volume = np.random.default_rng(4).gamma(2.0, 30.0, (1, 8, 96, 96)).astype(np.float32)

@@ -8,7 +8,8 @@ import torch
 
 from us3d.registration.fields import warp
 from us3d.registration.synthetic import shifted_blobs
-from us3d.registration.voxelmorph import VoxelMorph, correlation, displacement_to_field, transform
+from us3d.registration.fields import displacement_to_field
+from us3d.registration.voxelmorph import VoxelMorph, correlation, transform
 
 
 def _tensor(image: sitk.Image) -> torch.Tensor:

@@ -99,15 +99,15 @@ def _predict_normalised(module, frames: torch.Tensor, tile: tuple[int, int, int]
         outputs = [_run_padded(module, frames[b:b + batch_frames, None])[:, 0]
                    for b in range(0, t, batch_frames)]
         return torch.cat(outputs)
-    result = torch.zeros_like(frames)
-    weight_sum = torch.zeros(shape, dtype=frames.dtype, device=frames.device)
+    result = torch.zeros(frames.shape, dtype=torch.float32, device=frames.device)
+    weight_sum = torch.zeros(shape, dtype=torch.float32, device=frames.device)
     for corner in itertools.product(*starts):
         region = tuple(slice(c, c + m) for c, m in zip(corner, tile))
         ramps = [_ramp(m, o, c == 0, c + m == s) for c, m, o, s in zip(corner, tile, overlap, shape)]
-        weight = torch.from_numpy(np.einsum("k,j,i->kji", *ramps)).to(frames.device)
+        weight = torch.from_numpy(np.einsum("k,j,i->kji", *ramps)).to(frames.device, torch.float32)
         for b in range(0, t, batch_frames):
             piece = _run_padded(module, frames[(slice(b, b + batch_frames), None) + region])[:, 0]
-            result[(slice(b, b + batch_frames),) + region] += piece * weight
+            result[(slice(b, b + batch_frames),) + region] += piece.float() * weight
         weight_sum[region] += weight
     return result / weight_sum
 
@@ -140,8 +140,9 @@ def predict(module: torch.jit.ScriptModule, frames: np.ndarray, device: torch.de
             mapping: str = "standardise") -> np.ndarray:
     """Despeckled frames (t, k, j, i) float32 from input frames (t, k, j, i), any real dtype.
 
-    `mapping` is the model's input normalisation (INPUT_MAPPINGS). On CUDA, frames are batched;
-    out-of-memory errors are handled by `run_with_fallback`.
+    `mapping` is the model's input normalisation (INPUT_MAPPINGS). Frames are fed in the precision of
+    the module's parameters (a module cast to bfloat16 runs in bfloat16). On CUDA, frames are
+    batched; out-of-memory errors are handled by `run_with_fallback`.
     """
     if frames.ndim != 4:
         raise ValueError("frames must be a (t, k, j, i) array")
@@ -153,7 +154,9 @@ def predict(module: torch.jit.ScriptModule, frames: np.ndarray, device: torch.de
     def attempt(device: torch.device, tile: tuple[int, int, int], batch_frames: int) -> np.ndarray:
         with torch.inference_mode():
             on_device = module.to(device)
-            output = _predict_normalised(on_device, torch.from_numpy(normalised).to(device), tile, batch_frames)
+            parameter = next(on_device.parameters(), None)
+            dtype = torch.float32 if parameter is None else parameter.dtype
+            output = _predict_normalised(on_device, torch.from_numpy(normalised).to(device, dtype), tile, batch_frames)
             return output.float().cpu().numpy()
 
     output = run_with_fallback(attempt, device, tile, batch_frames)

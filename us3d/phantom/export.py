@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from us3d.io import VolumeSequence, atomic_outputs, is_sequence_path, write_any
+from us3d.io import VolumeSequence, atomic_outputs, is_sequence_path, to_image, write_any
 from us3d.phantom import PhantomSequence
+from us3d.registration.fields import field_image
 
 
 def _as_sequence(phantom: PhantomSequence, frames: np.ndarray) -> VolumeSequence:
@@ -17,9 +18,8 @@ def _as_sequence(phantom: PhantomSequence, frames: np.ndarray) -> VolumeSequence
 
 
 def _as_image(phantom: PhantomSequence, volume: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(volume)
-    image.SetSpacing(phantom.spacing)
-    return image
+    """`volume` on the phantom's grid (the geometry of its B-mode sequence)."""
+    return to_image(volume, phantom.to_sequence())
 
 
 def displacement_image(phantom: PhantomSequence, frame: int) -> sitk.Image:
@@ -28,9 +28,7 @@ def displacement_image(phantom: PhantomSequence, frame: int) -> sitk.Image:
     On the frame's grid: the tissue at voxel x was at x + d(x) in frame 0 (the exhale reference),
     so resampling frame 0 with this field gives frame `frame`'s anatomy.
     """
-    image = sitk.GetImageFromArray(phantom.displacement[frame].astype(np.float64), isVector=True)
-    image.SetSpacing(phantom.spacing)
-    return image
+    return field_image(phantom.displacement[frame], _as_image(phantom, phantom.bmode[frame]))
 
 
 def write_phantom(phantom: PhantomSequence, output: str | os.PathLike,

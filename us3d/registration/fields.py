@@ -24,6 +24,14 @@ def field_image(displacement: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
+def displacement_to_field(displacement: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Field image on `reference`'s grid from a (3, k, j, i) displacement in voxels, channels (k, j, i)
+    (the networks' and the refinement's layout)."""
+    index_mm = np.moveaxis(displacement[::-1], 0, -1) * np.asarray(reference.GetSpacing())  # (k, j, i, [i, j, k])
+    direction = np.reshape(reference.GetDirection(), (3, 3))
+    return field_image(index_mm @ direction.T, reference)
+
+
 def field_array(field: sitk.Image) -> np.ndarray:
     """(k, j, i, 3) float64 displacements in mm, (x, y, z) LPS."""
     check_field(field)

@@ -32,7 +32,8 @@ from us3d import metrics
 from us3d.devices import resolve_device
 from us3d.errors import Cancelled, InputError
 from us3d.io import VolumeSequence
-from us3d.registration.fields import endpoint_error, folding_fraction, same_grid, source_inside, warp
+from us3d.registration.fields import (displacement_to_field, endpoint_error, folding_fraction, same_grid,
+                                      source_inside, warp)
 
 from us3d.options import DEFAULT_REFINE_STEPS
 from us3d.options import REGISTRATION_METHODS as METHODS
@@ -225,7 +226,6 @@ class Registrar:
         """(ITK displacement field on the fixed grid, LPS mm; the voxel displacement, None for demons)
         for pre-processed volumes on one grid."""
         from us3d.registration.demons import register_demons
-        from us3d.registration.voxelmorph import displacement_to_field
 
         if self.settings.method == "demons":
             return register_demons(fixed, moving, cancel=cancel), None

@@ -3,15 +3,13 @@ correlation decoder), the spatial transformer and the FFT translation that pre-a
 (loss and training: `us3d.training.registration`).
 
 Tensors are (batch, channel, k, j, i). Displacements are in voxels, channel order (k, j, i);
-`displacement_to_field` turns them into the ITK field (LPS mm) used elsewhere.
+`us3d.registration.fields.displacement_to_field` turns them into the ITK field (LPS mm) used elsewhere.
 """
 
 from __future__ import annotations
 
 from typing import List
 
-import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -331,11 +329,3 @@ class VoxelMorph(nn.Module):
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         return self.levels(fixed, moving, False)[-1]
 
-
-def displacement_to_field(displacement: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    """ITK displacement field (LPS mm) on `reference`'s grid from a (3, k, j, i) voxel displacement."""
-    index_mm = np.moveaxis(displacement[::-1], 0, -1) * np.asarray(reference.GetSpacing())  # (k, j, i, [i, j, k])
-    direction = np.reshape(reference.GetDirection(), (3, 3))
-    field = sitk.GetImageFromArray((index_mm @ direction.T).astype(np.float64), isVector=True)
-    field.CopyInformation(reference)
-    return field

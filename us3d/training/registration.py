@@ -208,7 +208,7 @@ def source_inside_voxels(displacement: torch.Tensor) -> torch.Tensor:
     shape = displacement.shape[2:]
     inside = torch.ones_like(displacement[:, :1], dtype=torch.bool)
     for axis in range(3):
-        position = torch.arange(shape[axis], dtype=displacement.dtype).view(
+        position = torch.arange(shape[axis], dtype=displacement.dtype, device=displacement.device).view(
             [-1 if a == axis else 1 for a in range(3)]) + displacement[:, axis:axis + 1]
         inside &= (position >= -0.5) & (position <= shape[axis] - 0.5)
     return inside
@@ -217,7 +217,7 @@ def source_inside_voxels(displacement: torch.Tensor) -> torch.Tensor:
 def smoothness_mm(displacement: torch.Tensor, spacing: torch.Tensor) -> torch.Tensor:
     """Mean squared forward difference of the displacement (mm) per mm, along k, j and i."""
     mm = displacement * spacing
-    total = torch.zeros((), dtype=mm.dtype)
+    total = torch.zeros((), dtype=mm.dtype, device=mm.device)
     for axis in range(3):
         step = spacing[:, axis].view(-1, 1, 1, 1, 1)
         total = total + (torch.diff(mm, dim=2 + axis) / step).pow(2).mean()
