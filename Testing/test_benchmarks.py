@@ -38,3 +38,16 @@ def test_device_benchmark_tiny_runs_without_simpleitk(tmp_path):
                 "| OBNLM slicewise M=3 alpha=1 |", "| OBNLM 3d M=5 alpha=1 |"):
         assert job in report
     assert "nan" not in report
+
+
+def test_4d_benchmark_tiny_runs_every_step_through_the_cli(tmp_path):
+    output = tmp_path / "4d.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_4d.py"), "--tiny", "--cache",
+                             str(tmp_path / "cache"), "--output", str(output)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = output.read_text()
+    for step in ("| OBNLM slice-wise M=3 alpha=1 (default) |", "| U-Net unet-obnlm |",
+                 "| registration, network + refinement (default) |"):
+        assert step in report
+    assert "nan" not in report

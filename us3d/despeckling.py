@@ -82,17 +82,18 @@ def despeckle(data: sitk.Image | VolumeSequence, settings: ObnlmSettings | UnetS
     if isinstance(data, VolumeSequence):
         if len(data) == 0:
             raise InputError("the sequence has no frames")
-        frames, times = [], []
+        # one output array filled frame by frame: memory holds the input and the output, nothing more
+        frames, times = np.empty(data.frames.shape, np.float32), []
         for index in range(0, len(data), chunk):
             if cancel is not None and cancel():
                 raise Cancelled()
             start = time.perf_counter()
             filtered = run(data.frames[index:index + chunk])
             times += [(time.perf_counter() - start) / len(filtered)] * len(filtered)
-            frames += list(filtered.astype(np.float32, copy=False))
+            frames[index:index + len(filtered)] = filtered
             if progress is not None:
-                progress(len(frames), len(data))
-        return DespeckleResult(data.with_frames(np.stack(frames)), times, used)
+                progress(index + len(filtered), len(data))
+        return DespeckleResult(data.with_frames(frames), times, used)
     if cancel is not None and cancel():
         raise Cancelled()
     start = time.perf_counter()
