@@ -5,7 +5,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from us3d.registration.refine import RefinementSettings, refine
+from us3d.registration.fields import displacement_to_field, jacobian_determinant as itk_determinant
+from us3d.registration.refine import RefinementSettings, jacobian_determinant, refine, unfold
 from us3d.registration.voxelmorph import transform
 
 
@@ -39,6 +40,28 @@ def test_refinement_recovers_a_known_smooth_deformation():
     found = refine(fixed, moving, start, (0.8, 0.3, 0.4), settings)
     assert _error(start, truth) > 1.2
     assert _error(found, truth) < 0.25 * _error(start, truth)
+
+
+@pytest.mark.parametrize("shape", [(6, 9, 8), (1, 9, 8)])
+def test_jacobian_determinant_matches_itk_edges_included(shape):
+    displacement = torch.from_numpy(np.random.default_rng(1).normal(0, 0.6, (1, 3) + shape).astype(np.float32))
+    reference = sitk.GetImageFromArray(np.zeros(shape, np.float32))
+    reference.SetSpacing((0.4, 0.3, 0.8))
+    theirs = itk_determinant(displacement_to_field(displacement[0].numpy().astype(np.float64), reference))
+    np.testing.assert_allclose(jacobian_determinant(displacement)[0].numpy(), theirs, atol=1e-5)
+
+
+def test_unfold_removes_folds_and_leaves_the_rest_alone():
+    shape = (12, 40, 40)
+    smooth = _smooth_deformation(shape)
+    folded = smooth.clone()
+    folded[0, 2, 4:8, 18:22, 18:22] += torch.tensor([2.5, -2.5, 2.5, -2.5]).view(1, 1, 4)  # alternating along i
+    assert bool((jacobian_determinant(folded) <= 0).any())
+    fixed = unfold(folded)
+    assert not bool((jacobian_determinant(fixed) <= 0).any())
+    far = torch.ones(shape, dtype=torch.bool)
+    far[:12, 12:28, 12:28] = False  # more than about 4 voxels from the fold
+    assert float((fixed - folded)[0][:, far].abs().max()) < 1e-3
 
 
 def test_zero_steps_leave_the_initial_displacement_unchanged():

@@ -12,7 +12,9 @@ and reduced in-plane (each level's factor; the first level is the coarsest). R i
 |grad r| over the control grid in mm per mm: with `sliding` (default) a Charbonnier (about
 total-variation) penalty, which lets the displacement jump where the abdominal wall slides over
 the liver instead of smearing the shear over the control spacing; without it the squared
-gradient (diffusion). The same torch code runs on CPU and CUDA.
+gradient (diffusion). A penalty on negative Jacobian determinants and, last, `unfold` (smoothing
+only where the field still folds) keep the mapping invertible. The same torch code runs on CPU
+and CUDA.
 
 Tensors are (batch, channel, k, j, i); displacements in voxels of the input grid, channels (k, j, i).
 """
@@ -29,7 +31,10 @@ from us3d.registration.voxelmorph import normalised, transform
 
 @dataclasses.dataclass(frozen=True)
 class RefinementSettings:
-    """Settings of `refine`.
+    """Settings of `refine`. The defaults were chosen on validation sequences only, never the
+    benchmark's (benchmarks/tune_refinement.py, RESULTS-refinement-tuning.md): from the network, a
+    half-resolution then a full-resolution level, light smoothing (speckle moves with the tissue and
+    is what the image term matches), coarse control points and a small step.
 
     Parameters
     ----------
@@ -50,19 +55,21 @@ class RefinementSettings:
     linearise_every : the warped moving volume and its gradient are computed once every this many
         steps and the steps between use their first-order expansion (Gauss-Newton's model of the
         image term), about 3x cheaper per step; 1 warps at every step.
+    unfold_passes : at most this many passes of `unfold` on the result (0: none).
     """
 
     steps: int = 24
-    levels: tuple[int, ...] = (4, 2)
+    levels: tuple[int, ...] = (2, 1)
     level_share: tuple[float, ...] = (0.5, 0.5)
-    control_spacing: tuple[int, int, int] = (2, 2, 2)
-    learning_rate: float = 0.3
-    smoothing: float = 1.0
+    control_spacing: tuple[int, int, int] = (4, 4, 4)
+    learning_rate: float = 0.15
+    smoothing: float = 0.5
     regularisation_weight: float = 0.1
     sliding: bool = True
     folding_weight: float = 100.0
     initial_smoothing: float = 2.0
     linearise_every: int = 4
+    unfold_passes: int = 16
 
 
 def _gaussian(volume: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -153,6 +160,37 @@ def _folding(displacement: torch.Tensor) -> torch.Tensor:
     return F.relu(0.1 - det).pow(2).mean()
 
 
+def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
+    """(b, k, j, i) det(I + grad u) for a (b, 3, k, j, i) displacement in voxels, channels (k, j, i);
+    <= 0 where the mapping folds. Central differences with the edge values repeated outside, as
+    ITK's DisplacementFieldJacobianDeterminantFilter (`us3d.registration.fields.folding_fraction`)."""
+    derivatives = []
+    for axis in range(3):
+        pads = [0, 0, 0, 0, 0, 0]
+        pads[4 - 2 * axis] = pads[5 - 2 * axis] = 1
+        padded = F.pad(displacement, pads, mode="replicate")
+        n = displacement.shape[2 + axis]
+        derivatives.append((padded.narrow(2 + axis, 2, n) - padded.narrow(2 + axis, 0, n)) / 2)
+    j = [[derivatives[axis][:, c] + (1.0 if axis == c else 0.0) for axis in range(3)] for c in range(3)]
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1]) - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+
+
+def unfold(displacement: torch.Tensor, passes: int = 8, margin: float = 0.05) -> torch.Tensor:
+    """The displacement smoothed only around its folds: each pass finds the voxels whose Jacobian
+    determinant is <= `margin`, and blends a Gaussian-smoothed (sigma 1 voxel) displacement in with a
+    weight that is 1 there and falls off over about 2 voxels; it stops early when none is left.
+    Elsewhere the displacement is unchanged, so accuracy is kept where the field does not fold."""
+    with torch.no_grad():
+        for _ in range(passes):
+            folded = (jacobian_determinant(displacement) <= margin).to(displacement.dtype)[:, None]
+            if not bool(folded.any()):
+                break
+            weight = (4 * _gaussian(folded, 1.0)).clamp(max=1.0)
+            displacement = displacement + weight * (_gaussian(displacement, 1.0) - displacement)
+    return displacement
+
+
 def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spacing: tuple[float, float, float],
            settings: RefinementSettings = RefinementSettings()) -> torch.Tensor:
     """Refined displacement (1, 3, k, j, i), voxels, channels (k, j, i), from `initial` (same shape).
@@ -226,4 +264,4 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
             optimiser.step()
         with torch.no_grad():
             residual = _to_grid(_control_to_dense(control.detach(), size), full)
-    return initial + residual
+    return unfold(initial + residual, settings.unfold_passes) if settings.unfold_passes > 0 else initial + residual
