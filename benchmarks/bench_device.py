@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += obnlm_rows(device, small, large, repeats)
     lines = [f"# Throughput on {device.type.upper()}: {name}", "",
              f"`python benchmarks/bench_device.py{' --quick' if args.quick else ''}{' --tiny' if args.tiny else ''}"
-             f" --device {device.type}`, us3d {__version__}, torch {torch.__version__}, "
+             f" --device {device.type}{'' if len(args.sections) == 3 else ' --sections ' + ' '.join(args.sections)}`, us3d {__version__}, torch {torch.__version__}, "
              f"{datetime.date.today().isoformat()}; {threads} CPU threads. Medians of {repeats} timed run(s) after two "
              "warm-up runs, CUDA synchronised; simulated frames. Peak memory: since the row began on CUDA, the "
              "process's peak so far on the CPU.", "",

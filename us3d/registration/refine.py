@@ -176,18 +176,23 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
             + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
-def unfold(displacement: torch.Tensor, passes: int = 8, margin: float = 0.05) -> torch.Tensor:
+def unfold(displacement: torch.Tensor, passes: int = 16, margin: float = 0.05) -> torch.Tensor:
     """The displacement smoothed only around its folds: each pass finds the voxels whose Jacobian
-    determinant is <= `margin`, and blends a Gaussian-smoothed (sigma 1 voxel) displacement in with a
-    weight that is 1 there and falls off over about 2 voxels; it stops early when none is left.
-    Elsewhere the displacement is unchanged, so accuracy is kept where the field does not fold."""
+    determinant is <= `margin` and blends a Gaussian-smoothed displacement in, with a weight that is 1
+    there and falls off over about two sigmas; sigma starts at 1 voxel and grows 1.5x every 4 passes
+    while folds remain (folds on the volume's faces and in signal-free regions outside a sector need
+    the wider reach); it stops early when none is left. Elsewhere the displacement is unchanged, so
+    accuracy is kept where the field does not fold."""
+    sigma = 1.0
     with torch.no_grad():
-        for _ in range(passes):
+        for done in range(passes):
             folded = (jacobian_determinant(displacement) <= margin).to(displacement.dtype)[:, None]
             if not bool(folded.any()):
                 break
-            weight = (4 * _gaussian(folded, 1.0)).clamp(max=1.0)
-            displacement = displacement + weight * (_gaussian(displacement, 1.0) - displacement)
+            weight = (4 * _gaussian(folded, sigma)).clamp(max=1.0)
+            displacement = displacement + weight * (_gaussian(displacement, sigma) - displacement)
+            if done % 4 == 3:
+                sigma *= 1.5
     return displacement
 
 
