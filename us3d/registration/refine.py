@@ -154,10 +154,14 @@ def _folding(displacement: torch.Tensor) -> torch.Tensor:
     u = displacement
     d = [torch.diff(u, dim=2 + axis) for axis in range(3)]  # d[axis][:, c]: d u_c / d x_axis
     d = [x[:, :, :u.shape[2] - 1, :u.shape[3] - 1, :u.shape[4] - 1] for x in d]
-    j = [[d[a][:, c] + (1.0 if a == c else 0.0) for a in range(3)] for c in range(3)]  # j[c][a]
-    det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1]) - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-           + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
-    return F.relu(0.1 - det).pow(2).mean()
+    return F.relu(0.1 - _determinant(d)).pow(2).mean()
+
+
+def _determinant(derivatives: list[torch.Tensor]) -> torch.Tensor:
+    """det(I + grad u) from derivatives[axis][:, c] = d u_c / d x_axis, each (b, 3, k, j, i)."""
+    j = [[derivatives[a][:, c] + (1.0 if a == c else 0.0) for a in range(3)] for c in range(3)]  # j[c][a]
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1]) - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
 def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
@@ -171,9 +175,7 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
         padded = F.pad(displacement, pads, mode="replicate")
         n = displacement.shape[2 + axis]
         derivatives.append((padded.narrow(2 + axis, 2, n) - padded.narrow(2 + axis, 0, n)) / 2)
-    j = [[derivatives[axis][:, c] + (1.0 if axis == c else 0.0) for axis in range(3)] for c in range(3)]
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1]) - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    return _determinant(derivatives)
 
 
 def unfold(displacement: torch.Tensor, passes: int = 16, margin: float = 0.05) -> torch.Tensor:
