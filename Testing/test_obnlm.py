@@ -115,3 +115,16 @@ def test_bad_volumes_raise_clear_errors():
 def test_cuda_requested_without_gpu_is_a_clear_error():
     with pytest.raises(InputError, match="no CUDA GPU"):
         obnlm(np.random.rand(2, 8, 8), device="cuda")
+
+
+def test_an_intensity_range_replaces_the_volumes_own_minimum_and_maximum():
+    volume = np.random.default_rng(5).rayleigh(30.0, (2, 16, 14)) + 40.0
+    own = (float(volume.min()), float(volume.max()))
+    np.testing.assert_array_equal(obnlm(volume, intensity_range=own, device="cpu"), obnlm(volume, device="cpu"))
+    # the crop of a volume with a bright reflector: filtered as inside that volume, not on its own
+    whole = np.concatenate([volume, np.full((1, 16, 14), 900.0)])
+    inside = obnlm(whole, device="cpu")[:2]  # slice-wise: the slices do not mix
+    np.testing.assert_allclose(obnlm(volume, intensity_range=(own[0], 900.0), device="cpu"), inside, atol=1e-9)
+    assert np.abs(inside - obnlm(volume, device="cpu")).max() > 0.1
+    with pytest.raises(InputError, match="does not contain"):
+        obnlm(volume, intensity_range=(own[0] + 1, own[1]))

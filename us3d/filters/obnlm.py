@@ -38,6 +38,7 @@ def obnlm(
     block_radius: int = 1,
     h: float = 0.7,
     device: str = "auto",
+    intensity_range: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Despeckle a 3D volume with OBNLM.
 
@@ -50,6 +51,9 @@ def obnlm(
     h : smoothing parameter; weights are exp(-d / h^2) with d the Pearson-like block distance
         normalised by the block size.
     device : "auto", "cpu" (compiled kernel) or "cuda" (torch).
+    intensity_range : (low, high) grey levels mapped to OBNLM's [0, 255] (plus its offset of 100)
+        instead of the volume's own minimum and maximum, e.g. to filter a crop exactly as it is
+        filtered inside the whole volume. Must contain every value of the volume.
 
     Returns
     -------
@@ -67,8 +71,13 @@ def obnlm(
     search_radius, block_radius = int(search_radius), int(block_radius)
     torch_device = resolve_device(device)
 
-    low = float(volume.min())
-    scale = float(volume.max()) - low
+    low, high = float(volume.min()), float(volume.max())
+    if intensity_range is not None:
+        if not (intensity_range[0] <= low and high <= intensity_range[1]):
+            raise InputError(f"intensity range {tuple(intensity_range)} does not contain the volume's "
+                             f"values ({low:g} to {high:g})")
+        low, high = float(intensity_range[0]), float(intensity_range[1])
+    scale = high - low
     if scale == 0:
         return volume.astype(np.float64)  # a constant volume is its own filtered output
     x = (volume.astype(np.float64) - low) / scale * 255.0 + INTENSITY_OFFSET
