@@ -128,3 +128,15 @@ def test_an_intensity_range_replaces_the_volumes_own_minimum_and_maximum():
     assert np.abs(inside - obnlm(volume, device="cpu")).max() > 0.1
     with pytest.raises(InputError, match="does not contain"):
         obnlm(volume, intensity_range=(own[0] + 1, own[1]))
+
+
+def test_the_kernels_exponential_matches_numpy_down_to_the_subnormals():
+    from us3d.filters._obnlm_cpu import _exp_nonpositive
+
+    values = -np.concatenate([np.random.default_rng(6).random(20000) * 760, [0.0, 1e-300, 708.4, 745.1, 745.2, 800]])
+    out, scratch = np.empty_like(values), np.empty(2 * values.size)
+    _exp_nonpositive(values, out, scratch)
+    expected = np.exp(values)
+    normal = expected > np.finfo(np.float64).tiny
+    np.testing.assert_allclose(out[normal], expected[normal], rtol=1e-15, atol=0)
+    np.testing.assert_allclose(out[~normal], expected[~normal], rtol=0, atol=1e-323)

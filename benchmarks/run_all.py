@@ -1,7 +1,7 @@
 """Every benchmark in one run: writes benchmarks/RESULTS.md and the section reports (make bench).
 
 Sections, each also written on its own (RESULTS-<section>.md, with its figures):
-- obnlm: our OBNLM's speed against a torch baseline, peak memory;
+- obnlm: our OBNLM's speed against the previous kernel and a torch baseline, peak memory;
 - despeckle: OBNLM and U-Net against scikit-image, SimpleITK and SRAD (quality, time, memory),
   and scaling with volume size and sequence length;
 - unet: fidelity of unet-obnlm to OBNLM, against ground truth, the paper's Tables 1 and 2;
