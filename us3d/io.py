@@ -194,7 +194,11 @@ def read_sequence(path: str | os.PathLike) -> VolumeSequence:
 
 
 def write_sequence(sequence: VolumeSequence, path: str | os.PathLike) -> None:
-    """Write a sequence as a Slicer .seq.nrrd (list axis last, as current Slicer writes; LPS, gzip)."""
+    """Write a sequence as a Slicer .seq.nrrd (list axis last, as current Slicer writes; LPS).
+
+    Integer frames are gzip-compressed; floating-point frames are written raw: gzip saves about a
+    tenth of their size and costs about 1.3 s per 256x256x128 float32 frame, more than despeckling it.
+    """
     matrix = sequence.direction * np.asarray(sequence.spacing)[None, :]
     header = {
         "type": sequence.frames.dtype.name,
@@ -204,7 +208,7 @@ def write_sequence(sequence: VolumeSequence, path: str | os.PathLike) -> None:
         "labels": ["", "", "", sequence.index_name],
         "units": ["", "", "", sequence.index_unit],
         "space origin": np.asarray(sequence.origin, dtype=float),
-        "encoding": "gzip",
+        "encoding": "gzip" if np.issubdtype(sequence.frames.dtype, np.integer) else "raw",
         "DataNodeClassName": "vtkMRMLScalarVolumeNode",
         "axis 3 index type": sequence.index_type,
         "axis 3 index values": " ".join(sequence.index_values),
