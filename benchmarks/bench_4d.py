@@ -38,6 +38,12 @@ CLINICAL = ImagingSetup(shape=(128, 256, 256), spacing=(0.3, 0.2, 0.3))
 TINY = ImagingSetup(shape=(8, 32, 32))
 SEED = 4040
 CHECKPOINTS = (10, 20, 40)
+#: key: (name, us3d arguments, output, bytes per voxel of input + output in memory)
+STEPS = {"obnlm": ("OBNLM slice-wise M=3 alpha=1 (default)", ["despeckle"], "obnlm.seq.nrrd", 1 + 4),
+         "unet": ("U-Net unet-obnlm", ["despeckle", "--method", "unet"], "unet.seq.nrrd", 1 + 4),
+         "registration": ("registration, network + refinement (default)", ["register-sequence"], "registered",
+                          1 + 4 + 4)}
+STEP_NAMES = tuple(STEPS)
 
 
 def _rss_gib(pid: int) -> float:
@@ -81,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a code-path check: 3 frames of 8x32x32 (for the test suite)")
     parser.add_argument("--cache", default=".cache/bench4d", help="where the simulated sequence is kept")
     parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS-4d.md")))
+    parser.add_argument("--steps", nargs="+", choices=STEP_NAMES, default=list(STEP_NAMES),
+                        help="which steps to run (default: all three)")
     parser.add_argument("--simulate-into", help=argparse.SUPPRESS)  # internal: the child that simulates
     args = parser.parse_args(argv)
     setup, frames = (TINY, 3) if args.tiny else (CLINICAL, args.frames)
@@ -105,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         simulated = f" (simulated in {time.perf_counter() - start:.0f} s)"
     parent_rss = _rss_gib(os.getpid())
     voxels = int(np.prod(setup.shape)) * frames
-    steps = [("OBNLM slice-wise M=3 alpha=1 (default)", ["despeckle"], "obnlm.seq.nrrd", 1 + 4),
-             ("U-Net unet-obnlm", ["despeckle", "--method", "unet"], "unet.seq.nrrd", 1 + 4),
-             ("registration, network + refinement (default)", ["register-sequence"], "registered", 1 + 4 + 4)]
+    steps = [step for key, step in STEPS.items() if key in args.steps]
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name, command, output, bytes_per_voxel in steps:
@@ -121,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
     lines = [f"# 4D sequences end to end: {frames} frames of {size} voxels", "",
              f"`python benchmarks/bench_4d.py{' --tiny' if args.tiny else ''}"
-             f"{'' if args.tiny or frames == 40 else f' --frames {frames}'}`, us3d {__version__}, "
+             f"{'' if args.tiny or frames == 40 else f' --frames {frames}'}"
+             f"{'' if len(args.steps) == len(STEPS) else ' --steps ' + ' '.join(args.steps)}`, us3d {__version__}, "
              f"{datetime.date.today().isoformat()}, {platform.machine()} with {os.cpu_count()} CPU cores, no GPU "
              f"(torch's default threads). A simulated breathing sequence{simulated}, spacing "
              f"{' x '.join(map(str, setup.spacing))} mm (i x j x k), run through the `us3d` CLI, one process "

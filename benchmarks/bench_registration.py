@@ -39,7 +39,7 @@ from us3d.io import VolumeSequence
 from us3d.options import DEFAULT_REFINE_STEPS
 from us3d.phantom import LABELS
 from us3d.registration.fields import field_array, field_image, folding_fraction, source_inside, warp
-from us3d.registration.pairs import Registrar, RegistrationSettings
+from us3d.registration.pairs import Registrar, RegistrationSettings, intensity_mse
 from us3d.training.registration import TEST, motion_sequences
 from us3d.views import centre_slices, display_window, side_by_side, to_grey, write_png
 
@@ -119,11 +119,7 @@ def run(registrar: Registrar, pairs: list[Pair]) -> list[dict]:
         field, _ = registrar.field(fixed, moving)
         seconds = time.perf_counter() - start
         row = score(pair, field, seconds)
-        low, high = float(sitk.GetArrayViewFromImage(fixed).min()), float(sitk.GetArrayViewFromImage(fixed).max())
-        scale = (high - low) or 1.0
-        f = (sitk.GetArrayFromImage(fixed) - low) / scale
-        row["mse_before"] = float(np.mean((f - (sitk.GetArrayFromImage(moving) - low) / scale) ** 2))
-        row["mse_after"] = float(np.mean((f - (sitk.GetArrayFromImage(warp(moving, field)) - low) / scale) ** 2))
+        row["mse_before"], row["mse_after"] = intensity_mse(fixed, moving, field)
         rows.append(row)
     return rows
 

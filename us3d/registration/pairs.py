@@ -98,6 +98,19 @@ class PairResult:
     resampled: bool = False  # the moving volume was on another grid and was resampled
 
 
+def intensity_mse(fixed: sitk.Image, moving: sitk.Image, field: sitk.Image) -> tuple[float, float]:
+    """The paper's MSE before and after registration, on intensities scaled to [0, 1] by the fixed
+    volume's range; `moving` on the fixed grid, warped by `field` for "after". Where the field points
+    outside the moving volume, the nearest edge value stands in, as the unwarped moving volume has
+    data everywhere "before" is measured (zeros there make large motion look worse after registration)."""
+    fixed_array = sitk.GetArrayViewFromImage(fixed).astype(np.float64)
+    low, high = float(fixed_array.min()), float(fixed_array.max())
+    before = _scaled_mse(fixed_array, sitk.GetArrayViewFromImage(moving).astype(np.float64), low, high)
+    # GetArrayFromImage, not a view: a view of a temporary image would outlive its buffer.
+    warped = sitk.GetArrayFromImage(warp(moving, field, extrapolate=True)).astype(np.float64)
+    return before, _scaled_mse(fixed_array, warped, low, high)
+
+
 def _scaled_mse(a: np.ndarray, b: np.ndarray, low: float, high: float) -> float:
     scale = (high - low) or 1.0
     return metrics.mse((a - low) / scale, (b - low) / scale)
@@ -241,15 +254,7 @@ class Registrar:
         if self.settings.preprocessing != "none":
             smpi = metrics.smpi(sitk.GetArrayViewFromImage(fixed).astype(np.float64),
                                 sitk.GetArrayViewFromImage(fixed_in).astype(np.float64))
-        fixed_array = sitk.GetArrayViewFromImage(fixed_in).astype(np.float64)
-        low, high = float(fixed_array.min()), float(fixed_array.max())
-        before = _scaled_mse(fixed_array, sitk.GetArrayViewFromImage(moving_in).astype(np.float64), low, high)
-        # Where the field points outside the moving volume, the nearest edge value stands in, as the
-        # unwarped moving volume has data everywhere "before" is measured (zeros there made large
-        # motion look worse after registration). GetArrayFromImage, not a view: a view of a temporary
-        # image would outlive its buffer.
-        warped_in = sitk.GetArrayFromImage(warp(moving_in, field, extrapolate=True)).astype(np.float64)
-        after = _scaled_mse(fixed_array, warped_in, low, high)
+        before, after = intensity_mse(fixed_in, moving_in, field)
         if truth is not None and truth_mask is None:
             truth_mask = source_inside(truth, moving)
         epe = endpoint_error(field, truth, truth_mask) if truth is not None else None
