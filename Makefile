@@ -29,13 +29,13 @@ bench-quick: $(STAMP)  # writes into benchmarks/output/, leaving the committed r
 # The bundled U-Nets, one command each (see their model cards for the run times; the two runs were made
 # side by side on a 2-core machine, one CPU thread each, no GPU). Writes the .pt, its model card (.md), the
 # training log (.log.jsonl) and the manifest entry in Resources/Models/.
-UNET_TRAINING := --standard 8 --varied 48 --batch-size 4 --threads 1 --seed 0 --cache .cache/training
+UNET_TRAINING := --standard 8 --varied 48 --steps 2800 --batch-size 4 --threads 1 --seed 0 --cache .cache/training
 
 model-unet-obnlm: $(STAMP)
-	NUMBA_NUM_THREADS=1 $(BIN)/us3d train-despeckle Resources/Models/unet-obnlm.pt --target obnlm --steps 3600 $(UNET_TRAINING)
+	NUMBA_NUM_THREADS=1 $(BIN)/us3d train-despeckle Resources/Models/unet-obnlm.pt --target obnlm $(UNET_TRAINING)
 
 model-unet-sim: $(STAMP)
-	NUMBA_NUM_THREADS=1 $(BIN)/us3d train-despeckle Resources/Models/unet-sim.pt --target clean --steps 2800 $(UNET_TRAINING)
+	NUMBA_NUM_THREADS=1 $(BIN)/us3d train-despeckle Resources/Models/unet-sim.pt --target clean $(UNET_TRAINING)
 
 # The bundled VoxelMorph model, trained on original, OBNLM and U-Net inputs alike, on standard and varied
 # simulated breathing (see its model card): simulating and pre-processing the sequences into the cache takes

@@ -31,14 +31,12 @@ TILE_OVERLAP = (8, 32, 32)
 INPUT_MAPPINGS = ("standardise", "obnlm-range")
 
 
-def normalisation(volume: np.ndarray, mapping: str = "standardise",
-                  intensity_range: tuple[float, float] | None = None) -> tuple[float, float]:
-    """(offset, scale) with normalised = (volume - offset) / scale; scale is 1 for a constant frame.
-    `intensity_range` replaces the volume's minimum and maximum in the "obnlm-range" mapping."""
+def normalisation(volume: np.ndarray, mapping: str = "standardise") -> tuple[float, float]:
+    """(offset, scale) with normalised = (volume - offset) / scale; scale is 1 for a constant frame."""
     if mapping == "standardise":
         offset, scale = float(volume.mean(dtype=np.float64)), float(volume.std(dtype=np.float64))
     elif mapping == "obnlm-range":
-        low, high = intensity_range if intensity_range is not None else (float(volume.min()), float(volume.max()))
+        low, high = float(volume.min()), float(volume.max())
         # (x - low) / (high - low) * 255 + 100 is centred on 227.5 and divided by 64
         offset, scale = low + (high - low) / 2, (high - low) * 64.0 / 255.0
     else:

@@ -6,10 +6,7 @@ Each training sample is a random crop (default 16x64x64 voxels, (k, j, i)) of a 
 - an in-plane zoom of 0.7-1.5 per axis (speckle grain relative to the voxel grid);
 - in-plane transposes and flips (depth along j or i, either side up: all 8 orientations);
 - for the OBNLM target, the grey levels: gamma 0.6-1.6, a lifted floor under the non-zero voxels,
-  saturation of the brightest voxels and 8-bit rounding;
-- for the OBNLM target, the grey-level range that OBNLM (and the model) map from: in some crops it
-  reaches past the crop's own minimum and maximum, as in a whole volume whose bright reflectors
-  (bone, a needle) or black outside region lie beyond the crop.
+  saturation of the brightest voxels and 8-bit rounding.
 
 The OBNLM target is then computed on the augmented crop itself, so every crop is a new exact
 (input, OBNLM output) pair. The model sees both through its input mapping (`INPUT_MAPPINGS`):
@@ -31,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from us3d import __version__, filters, metrics
-from us3d.despeckling import ObnlmSettings
+from us3d import __version__, metrics
+from us3d.despeckling import ObnlmSettings, despeckle_array
 from us3d.models.inference import normalisation, predict
 from us3d.models.unet import DenseUNet3D
 from us3d.training.data import TrainingVolume
@@ -52,8 +49,6 @@ class TrainingSettings:
     zoom_range: tuple[float, float] = (0.7, 1.5)  # in-plane, per axis
     gamma_range: tuple[float, float] = (0.6, 1.6)  # OBNLM target only
     real_share: float = 0.35  # share of crops from real sources (OBNLM target)
-    wide_range_share: float = 0.3  # share of OBNLM-target crops mapped from a range wider than their own
-    wide_range_factor: float = 8.0  # that range spans up to this many times the crop's own
 
 
 def _draw_source(volumes: list[TrainingVolume], settings: TrainingSettings, rng: np.random.Generator) -> int:
@@ -122,25 +117,10 @@ def training_pair(volume: TrainingVolume, target: str, settings: TrainingSetting
             x = _grey_levels(x, settings, rng)
         if x.max() > x.min():
             break
-    grey_range = None
     if target == "obnlm":
-        grey_range = _wider_range(x, settings, rng)
-        y = filters.obnlm(x, obnlm.mode, obnlm.search_radius, obnlm.block_radius, obnlm.h, "cpu", grey_range)
-        y = y.astype(np.float32)
-    offset, scale = normalisation(x, INPUT_MAPPING[target], grey_range)
+        y = despeckle_array(x, obnlm, "cpu")
+    offset, scale = normalisation(x, INPUT_MAPPING[target])
     return (x - offset) / scale, (np.ascontiguousarray(y) - offset) / scale
-
-
-def _wider_range(x: np.ndarray, settings: TrainingSettings, rng: np.random.Generator) -> tuple[float, float] | None:
-    """None (the crop's own minimum and maximum), or, for a share of crops, a range reaching up to
-    `wide_range_factor` times further: its top above the crop's maximum, its bottom (half of the time)
-    between 0 and the crop's minimum."""
-    if rng.random() >= settings.wide_range_share:
-        return None
-    low, high = float(x.min()), float(x.max())
-    top = low + (high - low) * float(np.exp(rng.uniform(0.0, np.log(settings.wide_range_factor))))
-    bottom = low * rng.uniform(0.0, 1.0) if (low > 0 and rng.random() < 0.5) else low
-    return bottom, top
 
 
 def train_despeckler(volumes: list[TrainingVolume], target: str, settings: TrainingSettings, obnlm: ObnlmSettings,
