@@ -137,6 +137,18 @@ def _exp_nonpositive(values, out, scratch):
         out[t] = out[t] * low_half[t] * high_half[t]
 
 
+@njit(inline="always", **FAST)
+def _window_sums(source, first, count, n, out):
+    """out[t] = source[first + t] + ... + source[first + t + count - 1] for t < n (count >= 1)."""
+    window = source[first:first + n]
+    for t in range(n):
+        out[t] = window[t]
+    for q in range(1, count):
+        window = source[first + q:first + q + n]
+        for t in range(n):
+            out[t] += window[t]
+
+
 @njit(**FAST)
 def _spread(values, row_lo, row_hi, col_lo, col_hi, aj, ai, nj, ni, coarse, even, odd, out):
     """out[u, v] = sum of values[row, col] over the centres (2 row, 2 col) within (aj, ai) of (u, v),
@@ -168,20 +180,8 @@ def _spread(values, row_lo, row_hi, col_lo, col_hi, aj, ai, nj, ni, coarse, even
                 line[t] += source[t]
         # along i: the even and the odd voxels of the row, then interleaved
         base = c_start - col_lo + pad
-        window = coarse[base - even_reach:base - even_reach + m]
-        for t in range(m):
-            even[t] = window[t]
-        for q in range(1, 2 * even_reach + 1):
-            window = coarse[base - even_reach + q:base - even_reach + q + m]
-            for t in range(m):
-                even[t] += window[t]
-        window = coarse[base - odd_reach:base - odd_reach + m]
-        for t in range(m):
-            odd[t] = window[t]
-        for q in range(1, 2 * odd_reach + 2):
-            window = coarse[base - odd_reach + q:base - odd_reach + q + m]
-            for t in range(m):
-                odd[t] += window[t]
+        _window_sums(coarse, base - even_reach, 2 * even_reach + 1, m, even)
+        _window_sums(coarse, base - odd_reach, 2 * odd_reach + 2, m, odd)
         target = out[u, 2 * c_start:2 * c_stop]
         for t in range(m):
             target[2 * t] = even[t]
