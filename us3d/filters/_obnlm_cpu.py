@@ -138,6 +138,17 @@ def _exp_nonpositive(values, out, scratch):
 
 
 @njit(inline="always", **FAST)
+def _candidate_centres(dj, di, r0, r1, nj, ni):
+    """(row_lo, row_hi, col_lo, col_hi): the centres (2 row, 2 col) of rows [r0, r1) whose candidate
+    (2 row + dj, 2 col + di) lies inside the (nj, ni) image."""
+    row_lo = max(r0, (max(0, -dj) + 1) // 2)
+    row_hi = min(r1, (nj - dj + 1) // 2)
+    col_lo = (max(0, -di) + 1) // 2
+    col_hi = min((ni + 1) // 2, (ni - di + 1) // 2)
+    return row_lo, row_hi, col_lo, col_hi
+
+
+@njit(inline="always", **FAST)
 def _window_sums(source, first, count, n, out):
     """out[t] = source[first + t] + ... + source[first + t + count - 1] for t < n (count >= 1)."""
     window = source[first:first + n]
@@ -243,10 +254,7 @@ def _filter_centre_plane(x, xe, means, est, ck, search, block, h, ratio_low, rat
             dk, dj, di = offsets[o, 0], offsets[o, 1], offsets[o, 2]
             kc = ck + dk
             weights[o] = 0.0
-            row_lo = max(r0, (max(0, -dj) + 1) // 2)
-            row_hi = min(r1, (nj - dj + 1) // 2)
-            col_lo = (max(0, -di) + 1) // 2
-            col_hi = min(n_cols, (ni - di + 1) // 2)
+            row_lo, row_hi, col_lo, col_hi = _candidate_centres(dj, di, r0, r1, nj, ni)
             if row_lo >= row_hi or col_lo >= col_hi:
                 continue
             # Terms on the block-covered positions (u = j + aj, v = i + ai).
@@ -330,10 +338,7 @@ def _filter_centre_plane(x, xe, means, est, ck, search, block, h, ratio_low, rat
         for o in range(n_offsets):
             dk, dj, di = offsets[o, 0], offsets[o, 1], offsets[o, 2]
             kc = ck + dk
-            row_lo = max(r0, (max(0, -dj) + 1) // 2)
-            row_hi = min(r1, (nj - dj + 1) // 2)
-            col_lo = (max(0, -di) + 1) // 2
-            col_hi = min(n_cols, (ni - di + 1) // 2)
+            row_lo, row_hi, col_lo, col_hi = _candidate_centres(dj, di, r0, r1, nj, ni)
             if row_lo >= row_hi or col_lo >= col_hi:
                 continue
             for row in range(row_lo, row_hi):
