@@ -173,3 +173,40 @@ def test_registrar_refuses_bad_settings(settings, message):
 
     with pytest.raises(InputError, match=message):
         Registrar(RegistrationSettings(device="cpu", **settings))
+
+
+@pytest.mark.parametrize("shape", [(5, 17, 12), (1, 9, 8), (4, 1, 6)])
+def test_the_gathering_warp_equals_the_spatial_transformer(shape):
+    """The refinement warps its volume and gradients by gathering the cell corners once for all
+    channels; it must give what grid_sample gives, singleton axes and points outside included."""
+    from us3d.registration.refine import _warp
+
+    generator = torch.Generator().manual_seed(3)
+    volume = torch.randn(1, 4, *shape, generator=generator)
+    displacement = 3 * torch.randn(1, 3, *shape, generator=generator)
+    assert torch.allclose(_warp(volume, displacement), transform(volume, displacement), atol=1e-5)
+
+
+def test_separable_maps_equal_torch_interpolation_and_a_replicate_padded_blur():
+    """Control-grid upsampling and the Gaussian are matrix products along each axis; the same
+    linear maps as trilinear interpolation (corners aligned) and a convolution with edge values."""
+    from us3d.registration.refine import _gaussian, _linear_maps, _separable
+
+    generator = torch.Generator().manual_seed(4)
+    control = torch.randn(1, 3, 3, 6, 5, generator=generator)
+    size = [7, 23, 17]
+    expected = torch.nn.functional.interpolate(control, size=size, mode="trilinear", align_corners=True)
+    assert torch.allclose(_separable(control, _linear_maps([3, 6, 5], size, control)), expected, atol=1e-5)
+    volume = torch.randn(1, 2, 6, 11, 9, generator=generator)
+    sigma, radius = 0.8, 2
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    taps = taps / taps.sum()
+    blurred = volume
+    for axis in range(3):
+        padded = torch.nn.functional.pad(blurred, [radius, radius] * 3, mode="replicate")
+        inner = [slice(radius, -radius)] * 3
+        inner[axis] = slice(None)
+        padded = padded[(slice(None), slice(None), *inner)]
+        n = blurred.shape[2 + axis]
+        blurred = sum(taps[t] * padded.narrow(2 + axis, t, n) for t in range(2 * radius + 1))
+    assert torch.allclose(_gaussian(volume, sigma), blurred, atol=1e-5)

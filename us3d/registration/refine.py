@@ -76,18 +76,48 @@ def _gaussian(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (b, c, k, j, i) along every axis, edge values outside."""
     if sigma <= 0:
         return volume
+    return _separable(volume, [_gaussian_matrix(n, sigma, volume) for n in volume.shape[2:]])
+
+
+def _gaussian_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """(n, n) matrix of a Gaussian blur of `sigma` samples along an axis of n, edge values outside."""
     radius = max(1, int(3 * sigma + 0.5))
-    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device) / sigma) ** 2)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
     taps = taps / taps.sum()
-    channels = volume.shape[1]
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = taps.numel()
-        pads = [0, 0, 0, 0, 0, 0]
-        pads[4 - 2 * axis] = pads[5 - 2 * axis] = radius
-        kernel = taps.view(shape).expand([channels] + shape[1:]).contiguous()
-        volume = F.conv3d(F.pad(volume, pads, mode="replicate"), kernel, groups=channels)
-    return volume
+    rows = torch.arange(n).view(-1, 1).expand(n, offsets.numel())
+    columns = (rows + offsets.long().view(1, -1)).clamp(0, n - 1)
+    matrix = torch.zeros(n, n, dtype=torch.float64).index_put_((rows, columns), taps.expand(n, -1), accumulate=True)
+    return matrix.to(dtype=like.dtype, device=like.device)
+
+
+def _linear_matrix(n_out: int, n_in: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) matrix of linear interpolation between a grid of n_in samples and one of n_out
+    samples spanning the same interval (first and last samples on each other, `align_corners`)."""
+    matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
+    if n_in == 1 or n_out == 1:
+        matrix[:, 0] = 1.0
+    else:
+        position = torch.arange(n_out, dtype=torch.float64) * (n_in - 1) / (n_out - 1)
+        low = position.floor().clamp(max=n_in - 2).long()
+        weight = position - low
+        rows = torch.arange(n_out)
+        matrix.index_put_((rows, low), 1 - weight, accumulate=True)
+        matrix.index_put_((rows, low + 1), weight, accumulate=True)
+    return matrix.to(dtype=like.dtype, device=like.device)
+
+
+def _separable(volume: torch.Tensor, matrices: list[torch.Tensor]) -> torch.Tensor:
+    """(b, c, k, j, i) with the (out, in) matrix `matrices[a]` applied along axis a of (k, j, i): a
+    separable linear map (interpolation, blur) as three matrix products, which are much faster than
+    torch's trilinear interpolation and depthwise 3D convolution on the CPU, forward and backward."""
+    b, c = volume.shape[:2]
+    along_k, along_j, along_i = matrices
+    out = volume @ along_i.t()  # (b, c, k, j, i')
+    out = torch.matmul(along_j, out)  # (b, c, k, j', i')
+    k, j, i = out.shape[2:]
+    out = torch.matmul(along_k, out.reshape(b * c, k, j * i))  # (b c, k', j' i')
+    return out.reshape(b, c, along_k.shape[0], j, i)
 
 
 def _with_gradient(volume: torch.Tensor) -> torch.Tensor:
@@ -95,6 +125,41 @@ def _with_gradient(volume: torch.Tensor) -> torch.Tensor:
     gradients = [torch.gradient(volume, dim=2 + axis)[0] if volume.shape[2 + axis] > 1 else torch.zeros_like(volume)
                  for axis in range(3)]
     return torch.cat([volume] + gradients, 1)
+
+
+def _warp(volume: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """volume(x + u(x)) for a (b, c, k, j, i) volume and a (b, 3, k, j, i) displacement in voxels:
+    trilinear, edge values outside, what `us3d.registration.voxelmorph.transform` gives, without
+    gradients. The eight corners are gathered once for all channels, which on the CPU takes about
+    half the time of grid_sample with several channels."""
+    b, c, size_k, size_j, size_i = volume.shape
+    sizes, strides = [size_k, size_j, size_i], [size_j * size_i, size_i, 1]
+    fractions, steps = [], []
+    index = torch.zeros((), dtype=torch.long, device=volume.device)
+    for axis in range(3):
+        n = sizes[axis]
+        shape = [1, 1, 1]
+        shape[axis] = n
+        position = (torch.arange(n, dtype=displacement.dtype, device=displacement.device).view(shape)
+                    + displacement[:, axis]).clamp(0, n - 1)
+        low = position.floor().clamp(max=max(n - 2, 0))
+        fractions.append((position - low)[:, None])
+        index = index + low.long() * strides[axis]
+        steps.append(strides[axis] if n > 1 else 0)
+    flat = volume.reshape(b, c, -1)
+    index = index.reshape(b, 1, -1).expand(b, c, -1)
+    step_k, step_j, step_i = steps
+    fraction_k, fraction_j, fraction_i = fractions
+
+    def corner(offset: int) -> torch.Tensor:  # the value at the cell's corner `offset` voxels on
+        return torch.gather(flat[:, :, offset:], 2, index).view(volume.shape)
+
+    def along_i(offset: int) -> torch.Tensor:  # interpolated along i on the cell's edge at `offset`
+        return torch.lerp(corner(offset), corner(offset + step_i), fraction_i)
+
+    low_k = torch.lerp(along_i(0), along_i(step_j), fraction_j)
+    high_k = torch.lerp(along_i(step_k), along_i(step_k + step_j), fraction_j)
+    return torch.lerp(low_k, high_k, fraction_k)
 
 
 def _reduce(volume: torch.Tensor, factor: int) -> torch.Tensor:
@@ -118,7 +183,12 @@ def _to_grid(displacement: torch.Tensor, size: list[int]) -> torch.Tensor:
 def _control_to_dense(control: torch.Tensor, size: list[int]) -> torch.Tensor:
     """The control grid (values in voxels of the dense grid) interpolated onto the dense grid; the
     control points sit on the dense grid's corners and are evenly spaced between."""
-    return F.interpolate(control, size=size, mode="trilinear", align_corners=True)
+    return _separable(control, _linear_maps(list(control.shape[2:]), size, control))
+
+
+def _linear_maps(size_in: list[int], size_out: list[int], like: torch.Tensor) -> list[torch.Tensor]:
+    """The three `_linear_matrix` of `_control_to_dense` from a grid of `size_in` to one of `size_out`."""
+    return [_linear_matrix(n_out, n_in, like) for n_out, n_in in zip(size_out, size_in)]
 
 
 def _penalty(control: torch.Tensor, spacing_mm: torch.Tensor, sliding: bool) -> torch.Tensor:
@@ -244,11 +314,12 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
         with torch.no_grad():
             start_on_control = _control_to_dense(start, control_size) * to_control
         optimiser = torch.optim.Adam([control], lr=settings.learning_rate)
+        to_dense = _linear_maps(control_size, size, control)
         moving_and_gradient = _with_gradient(level_moving) if settings.linearise_every > 1 else level_moving
         expansion = anchor = inside = torch.zeros(0)
         for step in range(count):
             if settings.linearise_every <= 1:
-                displacement = start + _control_to_dense(control, size)
+                displacement = start + _separable(control, to_dense)
                 warped = transform(level_moving, displacement)
                 with torch.no_grad():
                     inside = _source_inside(displacement)
@@ -256,10 +327,10 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
                 if step % settings.linearise_every == 0:  # moving(x + u) and its gradient there
                     with torch.no_grad():
                         anchor = control.detach().clone()
-                        displacement = start + _control_to_dense(anchor, size)
-                        expansion = transform(moving_and_gradient, displacement)
+                        displacement = start + _separable(anchor, to_dense)
+                        expansion = _warp(moving_and_gradient, displacement)
                         inside = _source_inside(displacement)
-                change = _control_to_dense(control - anchor, size)
+                change = _separable(control - anchor, to_dense)
                 warped = expansion[:, :1] + (expansion[:, 1:] * change).sum(1, keepdim=True)
             image = (inside * (warped - level_fixed).pow(2)).sum() / inside.sum().clamp(min=1.0)
             loss = image + settings.regularisation_weight * _penalty(
@@ -270,5 +341,5 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
             loss.backward()
             optimiser.step()
         with torch.no_grad():
-            residual = _to_grid(_control_to_dense(control.detach(), size), full)
+            residual = _to_grid(_separable(control.detach(), to_dense), full)
     return unfold(initial + residual, settings.unfold_passes) if settings.unfold_passes > 0 else initial + residual
