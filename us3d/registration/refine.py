@@ -316,13 +316,15 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
         optimiser = torch.optim.Adam([control], lr=settings.learning_rate)
         to_dense = _linear_maps(control_size, size, control)
         moving_and_gradient = _with_gradient(level_moving) if settings.linearise_every > 1 else level_moving
-        expansion = anchor = inside = torch.zeros(0)
+        anchor = difference = slopes = torch.zeros(0)
+        covered = torch.ones(())
         for step in range(count):
             if settings.linearise_every <= 1:
                 displacement = start + _separable(control, to_dense)
                 warped = transform(level_moving, displacement)
                 with torch.no_grad():
                     inside = _source_inside(displacement)
+                image = (inside * (warped - level_fixed).pow(2)).sum() / inside.sum().clamp(min=1.0)
             else:
                 if step % settings.linearise_every == 0:  # moving(x + u) and its gradient there
                     with torch.no_grad():
@@ -330,9 +332,12 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
                         displacement = start + _separable(anchor, to_dense)
                         expansion = _warp(moving_and_gradient, displacement)
                         inside = _source_inside(displacement)
+                        # the image term's expansion, zero where the source is outside (inside is 0 or 1)
+                        difference = inside * (expansion[:, :1] - level_fixed)
+                        slopes = inside * expansion[:, 1:]
+                        covered = inside.sum().clamp(min=1.0)
                 change = _separable(control - anchor, to_dense)
-                warped = expansion[:, :1] + (expansion[:, 1:] * change).sum(1, keepdim=True)
-            image = (inside * (warped - level_fixed).pow(2)).sum() / inside.sum().clamp(min=1.0)
+                image = (difference + (slopes * change).sum(1, keepdim=True)).pow(2).sum() / covered
             loss = image + settings.regularisation_weight * _penalty(
                 control * to_mm, control_mm, settings.sliding)
             if settings.folding_weight > 0:
