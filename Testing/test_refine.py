@@ -73,6 +73,35 @@ def test_unfold_clears_a_fold_on_a_face_of_the_volume():
     assert not bool((jacobian_determinant(unfold(folded)) <= 0).any())
 
 
+def _unfold_over_the_whole_volume(displacement, passes=16, margin=0.05):
+    """unfold's definition, pass by pass over every voxel (what the box-by-box version must equal)."""
+    from us3d.registration.refine import _gaussian
+
+    sigma = 1.0
+    for done in range(passes):
+        folded = (jacobian_determinant(displacement) <= margin).to(displacement.dtype)[:, None]
+        if not bool(folded.any()):
+            break
+        weight = (4 * _gaussian(folded, sigma)).clamp(max=1.0)
+        displacement = displacement + weight * (_gaussian(displacement, sigma) - displacement)
+        if done % 4 == 3:
+            sigma *= 1.5
+    return displacement
+
+
+@pytest.mark.parametrize("passes", [1, 5, 16])
+def test_unfold_box_by_box_equals_passes_over_the_whole_volume(passes):
+    shape = (10, 48, 44)
+    folded = _smooth_deformation(shape)
+    folded[0, 2, 4:7, 18:22, 30:34] += torch.tensor([2.5, -2.5, 2.5, -2.5]).view(1, 1, 4)  # inside
+    folded[0, 0, 0, 3:9, 5:12] += 3.0  # on a face
+    folded[0, 1, 5, 40:46, 2:6] += torch.tensor([3.0, -3.0, 3.0, -3.0, 3.0, -3.0]).view(6, 1)  # near a corner
+    expected = _unfold_over_the_whole_volume(folded, passes)
+    found = unfold(folded, passes)
+    assert float((found - expected).abs().max()) < 1e-5
+    assert not torch.equal(found, folded)
+
+
 def test_zero_steps_leave_the_initial_displacement_unchanged():
     moving = _speckle((8, 32, 32))
     initial = torch.randn(1, 3, 8, 32, 32)

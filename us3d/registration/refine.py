@@ -81,7 +81,7 @@ def _gaussian(volume: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def _gaussian_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
     """(n, n) matrix of a Gaussian blur of `sigma` samples along an axis of n, edge values outside."""
-    radius = max(1, int(3 * sigma + 0.5))
+    radius = _gaussian_radius(sigma)
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
     taps = taps / taps.sum()
@@ -89,6 +89,11 @@ def _gaussian_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
     columns = (rows + offsets.long().view(1, -1)).clamp(0, n - 1)
     matrix = torch.zeros(n, n, dtype=torch.float64).index_put_((rows, columns), taps.expand(n, -1), accumulate=True)
     return matrix.to(dtype=like.dtype, device=like.device)
+
+
+def _gaussian_radius(sigma: float) -> int:
+    """Taps each side of `_gaussian`'s kernel."""
+    return max(1, int(3 * sigma + 0.5))
 
 
 def _linear_matrix(n_out: int, n_in: int, like: torch.Tensor) -> torch.Tensor:
@@ -248,24 +253,71 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
     return _determinant(derivatives)
 
 
+Box = list[tuple[int, int]]  # (start, stop) along k, j, i
+
+
 def unfold(displacement: torch.Tensor, passes: int = 16, margin: float = 0.05) -> torch.Tensor:
     """The displacement smoothed only around its folds: each pass finds the voxels whose Jacobian
     determinant is <= `margin` and blends a Gaussian-smoothed displacement in, with a weight that is 1
     there and falls off over about two sigmas; sigma starts at 1 voxel and grows 1.5x every 4 passes
     while folds remain (folds on the volume's faces and in signal-free regions outside a sector need
     the wider reach); it stops early when none is left. Elsewhere the displacement is unchanged, so
-    accuracy is kept where the field does not fold."""
+    accuracy is kept where the field does not fold.
+
+    Each pass works inside the box around the folds, grown by what its Gaussians reach, and the next
+    pass looks for folds only where the field changed: the same result as passes over the whole
+    volume (folds are few and local), at a fraction of the cost on large volumes."""
     sigma = 1.0
+    shape = list(displacement.shape[2:])
     with torch.no_grad():
+        box = _box_of(jacobian_determinant(displacement) <= margin, [(0, n) for n in shape])
+        if box is None:
+            return displacement
+        displacement = displacement.clone()
         for done in range(passes):
-            folded = (jacobian_determinant(displacement) <= margin).to(displacement.dtype)[:, None]
-            if not bool(folded.any()):
-                break
+            # the weight is non-zero within `reach` of a fold and reads the field `reach` further on
+            reach = _gaussian_radius(sigma)
+            region = _grown(box, 2 * reach + 1, shape)
+            inside = (slice(None), slice(None), *[slice(start, stop) for start, stop in region])
+            folded = (_determinant_within(displacement, region) <= margin).to(displacement.dtype)[:, None]
             weight = (4 * _gaussian(folded, sigma)).clamp(max=1.0)
-            displacement = displacement + weight * (_gaussian(displacement, sigma) - displacement)
+            part = displacement[inside]
+            displacement[inside] = part + weight * (_gaussian(part, sigma) - part)
             if done % 4 == 3:
                 sigma *= 1.5
+            changed = _grown(region, 1, shape)  # where the determinant may have changed
+            box = _box_of(_determinant_within(displacement, changed) <= margin, changed)
+            if box is None:
+                break
     return displacement
+
+
+def _box_of(mask: torch.Tensor, within: Box) -> Box | None:
+    """The bounds of the True voxels of a (b, k, j, i) mask that covers the box `within` of a volume, in
+    that volume's voxels; None when there are none."""
+    if not bool(mask.any()):
+        return None
+    box = []
+    for axis in range(3):
+        others = [d for d in range(4) if d != axis + 1]
+        present = torch.nonzero(mask.any(dim=others[2]).any(dim=others[1]).any(dim=others[0])).flatten()
+        box.append((within[axis][0] + int(present[0]), within[axis][0] + int(present[-1]) + 1))
+    return box
+
+
+def _grown(box: Box, by: int, shape: list[int]) -> Box:
+    return [(max(0, start - by), min(n, stop + by)) for (start, stop), n in zip(box, shape)]
+
+
+def _determinant_within(displacement: torch.Tensor, box: Box) -> torch.Tensor:
+    """`jacobian_determinant` of the whole displacement, cropped to `box`, computed on the box and one
+    voxel around it (central differences reach one voxel)."""
+    shape = list(displacement.shape[2:])
+    around = _grown(box, 1, shape)
+    determinant = jacobian_determinant(
+        displacement[(slice(None), slice(None), *[slice(start, stop) for start, stop in around])])
+    return determinant[(slice(None), *[slice(start - outer, stop - outer)
+                                       for (start, stop), (outer, _) in zip(box, around)])]
 
 
 def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spacing: tuple[float, float, float],
