@@ -151,3 +151,19 @@ def test_bundled_voxelmorph_recovers_a_known_shift_of_a_phantom_volume():
     inner = field_array(result.field)[4:-4, 8:-8, 8:-8].reshape(-1, 3)
     np.testing.assert_allclose(np.median(inner, axis=0), [2.0, 0.0, 0.0], atol=0.3)
     assert result.mse_after < 0.5 * result.mse_before and result.folding < 1e-3
+
+
+def test_the_translations_blur_is_a_gaussian_with_zeros_outside():
+    """`_blur` (matrix products along each axis) equals three 1-D convolutions with zero padding."""
+    import torch.nn.functional as F
+
+    from us3d.registration.voxelmorph import _blur
+
+    volume = torch.randn(2, 1, 6, 21, 13, generator=torch.Generator().manual_seed(5))
+    sigma, radius = 1.5, 5
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    taps = taps / taps.sum()
+    expected = F.conv3d(volume, taps.view(1, 1, -1, 1, 1), padding=[radius, 0, 0])
+    expected = F.conv3d(expected, taps.view(1, 1, 1, -1, 1), padding=[0, radius, 0])
+    expected = F.conv3d(expected, taps.view(1, 1, 1, 1, -1), padding=[0, 0, radius])
+    assert torch.allclose(_blur(volume, sigma), expected, atol=1e-6)
