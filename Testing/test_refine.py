@@ -242,3 +242,23 @@ def test_separable_maps_equal_torch_interpolation_and_a_replicate_padded_blur():
         n = blurred.shape[2 + axis]
         blurred = sum(taps[t] * padded.narrow(2 + axis, t, n) for t in range(2 * radius + 1))
     assert torch.allclose(_gaussian(volume, sigma), blurred, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_linearised_image_term_and_its_gradient(dtype):
+    """One pass makes the expansion's sum of squares and its gradient (a compiled kernel for float32
+    on the CPU, torch otherwise); both equal autograd through the plain expression."""
+    from us3d.registration.refine import _LinearisedImageTerm
+
+    generator = torch.Generator().manual_seed(6)
+    shape = (2, 3, 5, 9, 7)
+    change = torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_(True)
+    difference = torch.randn(2, 1, *shape[2:], generator=generator, dtype=dtype)
+    slopes = torch.randn(*shape, generator=generator, dtype=dtype)
+    found = _LinearisedImageTerm.apply(change, difference, slopes)
+    (gradient,) = torch.autograd.grad(3 * found, change)
+    plain = change.detach().clone().requires_grad_(True)
+    expected = (difference + (slopes * plain).sum(1, keepdim=True)).pow(2).sum()
+    (expected_gradient,) = torch.autograd.grad(3 * expected, plain)
+    assert torch.allclose(found, expected, rtol=1e-5)
+    assert torch.allclose(gradient, expected_gradient, rtol=1e-5, atol=1e-5)

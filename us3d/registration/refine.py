@@ -137,9 +137,9 @@ def _warp(volume: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
     trilinear, edge values outside, what `us3d.registration.voxelmorph.transform` gives, without
     gradients. The eight corners are gathered once for all channels, which on the CPU takes about
     half the time of grid_sample with several channels; float32 on the CPU goes to a compiled kernel
-    (`us3d.registration._warp_cpu`) that reads each cell's corners once."""
+    (`us3d.registration._refine_cpu`) that reads each cell's corners once."""
     if volume.device.type == "cpu" and volume.dtype == displacement.dtype == torch.float32:
-        from us3d.registration._warp_cpu import warp_trilinear
+        from us3d.registration._refine_cpu import warp_trilinear
 
         out = torch.empty_like(volume, memory_format=torch.contiguous_format)
         for item in range(volume.shape[0]):
@@ -179,6 +179,33 @@ def _warp_by_gathering(volume: torch.Tensor, displacement: torch.Tensor) -> torc
     low_k = torch.lerp(along_i(0), along_i(step_j), fraction_j)
     high_k = torch.lerp(along_i(step_k), along_i(step_k + step_j), fraction_j)
     return torch.lerp(low_k, high_k, fraction_k)
+
+
+class _LinearisedImageTerm(torch.autograd.Function):
+    """sum over voxels of (difference + slopes . change)^2, the image term's first-order expansion
+    about the anchor, for a (b, 3, k, j, i) change of displacement; its gradient is made in the same
+    pass (a compiled kernel for float32 on the CPU: about ten passes over the volume become one)."""
+
+    @staticmethod
+    def forward(ctx, change: torch.Tensor, difference: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+        if change.device.type == "cpu" and change.dtype == difference.dtype == slopes.dtype == torch.float32:
+            from us3d.registration._refine_cpu import linearised_term
+
+            gradient = torch.empty_like(change, memory_format=torch.contiguous_format)
+            total = 0.0
+            for item in range(change.shape[0]):
+                total += linearised_term(change[item].contiguous().numpy(), difference[item, 0].contiguous().numpy(),
+                                         slopes[item].contiguous().numpy(), gradient[item].numpy())
+            ctx.save_for_backward(gradient)
+            return torch.tensor(total, dtype=change.dtype)
+        residual = difference + (slopes * change).sum(1, keepdim=True)
+        ctx.save_for_backward(2 * residual * slopes)
+        return residual.pow(2).sum()
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        return upstream * gradient, None, None
 
 
 def _reduce(volume: torch.Tensor, factor: int) -> torch.Tensor:
@@ -402,8 +429,7 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
                         difference = inside * (expansion[:, :1] - level_fixed)
                         slopes = inside * expansion[:, 1:]
                         covered = inside.sum().clamp(min=1.0)
-                change = _separable(control - anchor, to_dense)
-                image = (difference + (slopes * change).sum(1, keepdim=True)).pow(2).sum() / covered
+                image = _LinearisedImageTerm.apply(_separable(control - anchor, to_dense), difference, slopes) / covered
             loss = image + settings.regularisation_weight * _penalty(
                 control * to_mm, control_mm, settings.sliding)
             if settings.folding_weight > 0:

@@ -1,6 +1,7 @@
-"""Compiled CPU kernel of the refinement's trilinear warp (numba, parallel over slices).
+"""Compiled CPU kernels of the refinement (numba, parallel over slices): the trilinear warp and the
+linearised image term with its gradient.
 
-`us3d.registration.refine._warp` calls it for float32 volumes on the CPU and gathers with torch
+`us3d.registration.refine._warp` calls the warp for float32 volumes on the CPU and gathers with torch
 elsewhere (CUDA); both give what `us3d.registration.voxelmorph.transform` (grid_sample) gives. On a
 256x256x128 frame with its three gradient channels the torch version streams every channel through
 memory about fifteen times (eight gathers and seven interpolations) and takes about 1.3 s; this
@@ -41,3 +42,20 @@ def warp_trilinear(volume: np.ndarray, displacement: np.ndarray, out: np.ndarray
                     high = ((v[k1, j0, i0] * (1 - fi) + v[k1, j0, i1] * fi) * (1 - fj)
                             + (v[k1, j1, i0] * (1 - fi) + v[k1, j1, i1] * fi) * fj)
                     out[c, k, j, i] = low * (1 - fk) + high * fk
+
+
+@njit(parallel=True, **FAST)
+def linearised_term(change: np.ndarray, difference: np.ndarray, slopes: np.ndarray, gradient: np.ndarray) -> float:
+    """sum over voxels of q^2, q = difference + slopes . change, and its gradient 2 q slopes with
+    respect to change, in one pass; change, slopes and gradient (3, k, j, i), difference (k, j, i)."""
+    size_k, size_j, size_i = difference.shape
+    total = 0.0
+    for k in prange(size_k):
+        for j in range(size_j):
+            for i in range(size_i):
+                q = (difference[k, j, i] + slopes[0, k, j, i] * change[0, k, j, i]
+                     + slopes[1, k, j, i] * change[1, k, j, i] + slopes[2, k, j, i] * change[2, k, j, i])
+                total += q * q
+                for c in range(3):
+                    gradient[c, k, j, i] = 2 * q * slopes[c, k, j, i]
+    return total
