@@ -140,3 +140,21 @@ def test_sequence_index_type_is_kept_through_a_file(tmp_path):
     assert read_sequence(tmp_path / "t.seq.nrrd").index_type == "text"
     with pytest.raises(InputError, match="index type"):
         VolumeSequence(frames, index_values=["exhale", "inhale"], index_type="numeric")
+
+
+def test_float_sequences_are_written_from_the_arrays_own_buffer(tmp_path):
+    """Raw (float) sequences skip pynrrd's whole-array copy, and read back as pynrrd would write them."""
+    from us3d.io import _write_raw_nrrd
+
+    sequence = _sequence()
+    sequence.frames = sequence.frames.astype(np.float32) * 0.37
+    write_sequence(sequence, tmp_path / "ours.seq.nrrd")
+    back = read_sequence(tmp_path / "ours.seq.nrrd")
+    np.testing.assert_array_equal(back.frames, sequence.frames)
+    assert back.index_values == sequence.index_values
+    ours = nrrd.read_header(str(tmp_path / "ours.seq.nrrd"))
+    nrrd.write(str(tmp_path / "pynrrd.seq.nrrd"), sequence.frames, dict(ours), index_order="C")
+    theirs = nrrd.read_header(str(tmp_path / "pynrrd.seq.nrrd"))
+    assert {k: str(v) for k, v in ours.items()} == {k: str(v) for k, v in theirs.items()}
+    assert _write_raw_nrrd(tmp_path / "again.seq.nrrd", sequence.frames, dict(ours), {}), \
+        "this pynrrd lacks the header writer: float sequences are copied whole again when written"

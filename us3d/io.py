@@ -214,9 +214,25 @@ def write_sequence(sequence: VolumeSequence, path: str | os.PathLike) -> None:
         "axis 3 index values": " ".join(sequence.index_values),
     }
     # NRRD lists the fastest axis first, so (i, j, k, list) is (t, k, j, i) in C order.
-    nrrd.write(str(path), np.ascontiguousarray(sequence.frames), header, index_order="C",
-               custom_field_map={key: "string" for key in
-                                 ("DataNodeClassName", "axis 3 index type", "axis 3 index values")})
+    frames = np.ascontiguousarray(sequence.frames)
+    fields = {key: "string" for key in ("DataNodeClassName", "axis 3 index type", "axis 3 index values")}
+    if header["encoding"] == "raw" and _write_raw_nrrd(path, frames, header, fields):
+        return
+    nrrd.write(str(path), frames, header, index_order="C", custom_field_map=fields)
+
+
+def _write_raw_nrrd(path: str | os.PathLike, frames: np.ndarray, header: dict, fields: dict) -> bool:
+    """Write an uncompressed NRRD from the array's own buffer; False where this pynrrd lacks the header
+    writer used. (`nrrd.write` first copies the whole array into one bytes object: for a 40-frame
+    256x256x128 float32 sequence, 1.3 GB more at the peak.)"""
+    try:
+        from nrrd.writer import _handle_header, _write_header  # pynrrd's own header writer
+    except ImportError:
+        return False
+    with open(path, "wb") as file:
+        _write_header(file, _handle_header(frames, dict(header), index_order="C"), fields)
+        frames.tofile(file)
+    return True
 
 
 def _all_numeric(values: list[str]) -> bool:
