@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from us3d import metrics
 from us3d.devices import resolve_device
@@ -134,6 +135,21 @@ def on_fixed_grid(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Image, bo
     return moving, resampled
 
 
+#: The finest voxel size (k, j, i) in mm of the volumes the bundled network was trained on (elevation
+#: 0.6-1.1 mm, in-plane 0.2-0.5 mm, either in-plane axis axial). Volumes sampled finer along an axis are
+#: registered on a grid averaged down to this spacing there, and the field is interpolated back.
+FINEST_TRAINED_SPACING_MM = (0.6, 0.2, 0.2)
+
+
+def working_size(size: list[int], spacing: tuple[float, float, float]) -> list[int]:
+    """The grid (k, j, i) a volume of `size` voxels of `spacing` mm (k, j, i) is registered on: each
+    axis sampled finer than `FINEST_TRAINED_SPACING_MM` averaged down to about that spacing, the others
+    kept. The network then sees motion and speckle at the scale it was trained on, and the work
+    shrinks with the voxel count (a 0.3 mm elevation step: half the slices)."""
+    return [max(2, round(n * s / finest)) if s < finest else n
+            for n, s, finest in zip(size, spacing, FINEST_TRAINED_SPACING_MM)]
+
+
 def _tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[None, None].to(device)
 
@@ -203,25 +219,32 @@ class Registrar:
         """(1, 3, k, j, i) voxel displacement, channels (k, j, i), that warps pre-processed `moving`
         (on the fixed grid) onto `fixed`; `initial` replaces the network's or translation's start
         (e.g. the previous frame's displacement). Not for demons."""
-        from us3d.registration.refine import RefinementSettings, refine
+        from us3d.registration.refine import RefinementSettings, refine, resample_displacement
         from us3d.registration.voxelmorph import normalised, translation
 
         fixed_t, moving_t = _tensor(fixed, self.device), _tensor(moving, self.device)
+        full = list(fixed_t.shape[2:])
+        size = working_size(full, _spacing_kji(fixed))
+        if size != full:  # averaged down along the axes sampled finer than the network was trained on
+            fixed_t = F.interpolate(fixed_t, size=size, mode="area")
+            moving_t = F.interpolate(moving_t, size=size, mode="area")
+        spacing = tuple(s * n / m for s, n, m in zip(_spacing_kji(fixed), full, size))
         with torch.inference_mode():
             if initial is not None:
-                start = initial.to(self.device)
+                start = resample_displacement(initial.to(self.device), size)
             elif self._network is not None:
                 start = self._run_network(fixed_t, moving_t)
             else:
                 shift = translation(normalised(fixed_t), normalised(moving_t))
-                start = shift.view(1, 3, 1, 1, 1).expand(1, 3, *fixed_t.shape[2:]).contiguous()
+                start = shift.view(1, 3, 1, 1, 1).expand(1, 3, *size).contiguous()
         if cancel is not None and cancel():
             raise Cancelled()
-        if self.settings.refine_steps == 0:
-            return start
-        with torch.enable_grad():
-            return refine(fixed_t, moving_t, start.clone(), _spacing_kji(fixed),
-                          RefinementSettings(steps=self.settings.refine_steps)).detach()
+        if self.settings.refine_steps > 0:
+            with torch.enable_grad():
+                start = refine(fixed_t, moving_t, start.clone(), spacing,
+                               RefinementSettings(steps=self.settings.refine_steps)).detach()
+        with torch.inference_mode():
+            return resample_displacement(start, full)
 
     def _run_network(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         try:

@@ -215,9 +215,14 @@ def _reduce(volume: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool3d(volume, (1, factor, factor), ceil_mode=True, count_include_pad=False)
 
 
+def resample_displacement(displacement: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """A (b, 3, k, j, i) voxel displacement resampled (trilinear) onto the grid of `size` that covers the
+    same volume with voxels `old / size` times larger, its components rescaled to those voxels."""
+    return _to_grid(displacement, size)
+
+
 def _to_grid(displacement: torch.Tensor, size: list[int]) -> torch.Tensor:
-    """A voxel displacement resampled onto the grid of `size` that covers the same volume with voxels
-    `old / size` times larger (as `_reduce` makes them), its components rescaled to those voxels."""
+    """`resample_displacement` (as `_reduce` makes the grids)."""
     old = displacement.shape[2:]
     if list(old) == list(size):
         return displacement
