@@ -51,3 +51,13 @@ def test_4d_benchmark_tiny_runs_every_step_through_the_cli(tmp_path):
                  "| registration, network + refinement (default) |"):
         assert step in report
     assert "nan" not in report
+
+
+def test_working_grid_benchmark_tiny_compares_both_grids(tmp_path):
+    output = tmp_path / "grid.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_registration_grid.py"), "--tiny",
+                             "--output", str(output)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = output.read_text()
+    assert "| working grid |" in report and "| own grid |" in report and "8x32x32 voxels" in report
+    assert "nan" not in report

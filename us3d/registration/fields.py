@@ -27,9 +27,15 @@ def field_image(displacement: np.ndarray, reference: sitk.Image) -> sitk.Image:
 def displacement_to_field(displacement: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """Field image on `reference`'s grid from a (3, k, j, i) displacement in voxels, channels (k, j, i)
     (the networks' and the refinement's layout)."""
-    index_mm = np.moveaxis(displacement[::-1], 0, -1) * np.asarray(reference.GetSpacing())  # (k, j, i, [i, j, k])
+    spacing = reference.GetSpacing()
     direction = np.reshape(reference.GetDirection(), (3, 3))
-    return field_image(index_mm @ direction.T, reference)
+    mm = np.zeros(displacement.shape[1:] + (3,), np.float64)  # (k, j, i, [x, y, z]), filled in place
+    for axis in range(3):  # along index axis (i, j, k)[axis]: spacing times the direction's column
+        along = displacement[2 - axis].astype(np.float64) * spacing[axis]
+        for component in range(3):
+            if direction[component, axis] != 0:
+                mm[..., component] += direction[component, axis] * along
+    return field_image(mm, reference)
 
 
 def field_array(field: sitk.Image) -> np.ndarray:
