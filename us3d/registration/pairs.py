@@ -14,7 +14,8 @@ Methods:
 
 Pre-processing (none, a Gaussian blur, OBNLM or a U-Net) is applied to both volumes before
 registration, as in the paper's protocol; the field found is then applied to the original moving
-volume.
+volume. Volumes sampled finer than the network's training data along an axis are registered on a
+grid averaged down to that spacing (`working_size`); the field comes back on the input grid.
 """
 
 from __future__ import annotations
