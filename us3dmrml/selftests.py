@@ -366,6 +366,19 @@ def _wait(run, seconds: float = 300.0) -> None:
         time.sleep(0.1)
 
 
+def _expect_failure(job, finish, message: str) -> None:
+    """A background job whose worker fails: `finish()` raises one InputError naming `message`, and the
+    job's temporary folder is gone."""
+    _wait(job.run)
+    try:
+        finish()
+    except InputError as error:
+        assert message in str(error), str(error)
+    else:
+        raise AssertionError("a failing worker did not raise")
+    assert not job.run.folder.exists(), "the failed run left its temporary folder"
+
+
 def _node_count(scene) -> int:
     return scene.GetNumberOfNodes()
 
@@ -412,14 +425,8 @@ def scenario_background_cancel_and_failure(scene) -> None:
         node = add_volume(scene, speckle_volume())
         before = _node_count(scene)
         job = start_despeckle(node, UnetSettings("no-such-model.pt"), "cpu")
-        _wait(job.run)
-        try:
-            finish_despeckle(scene, job)
-        except InputError as error:
-            assert "no-such-model.pt" in str(error), str(error)
-        else:
-            raise AssertionError("a failing worker did not raise")
-        assert not job.run.folder.exists() and _node_count(scene) == before
+        _expect_failure(job, lambda: finish_despeckle(scene, job), "no-such-model.pt")
+        assert _node_count(scene) == before
     finally:
         _remove(scene, browser.GetProxyNode(sequence), browser, sequence, scene.GetFirstNodeByName("US volume"))
 
@@ -452,14 +459,8 @@ def scenario_background_registration(scene, sequences_logic=None) -> None:
         assert not job.run.folder.exists(), "the temporary folder was left behind"
         count = scene.GetNumberOfNodes()
         job = start_registration(fixed, moving, RegistrationSettings(model="no-such-model.pt", device="cpu"))
-        _wait(job.run)
-        try:
-            finish_registration(scene, job)
-        except InputError as error:
-            assert "no-such-model.pt" in str(error), str(error)
-        else:
-            raise AssertionError("a failing worker did not raise")
-        assert scene.GetNumberOfNodes() == count and not job.run.folder.exists()
+        _expect_failure(job, lambda: finish_registration(scene, job), "no-such-model.pt")
+        assert scene.GetNumberOfNodes() == count
     finally:
         proxies = [browser.GetProxyNode(s) for s in (sequence, frames.warped_node, frames.transform_node)]
         _remove(scene, *proxies, browser, frames.warped_node, frames.transform_node, sequence, moving, fixed,
