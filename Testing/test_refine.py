@@ -222,13 +222,14 @@ def test_the_gathering_warp_equals_the_spatial_transformer(shape):
 def test_separable_maps_equal_torch_interpolation_and_a_replicate_padded_blur():
     """Control-grid upsampling and the Gaussian are matrix products along each axis; the same
     linear maps as trilinear interpolation (corners aligned) and a convolution with edge values."""
-    from us3d.registration.refine import _gaussian, _linear_maps, _separable
+    from us3d.registration.refine import _gaussian, _linear_maps
+    from us3d.registration.separable import apply
 
     generator = torch.Generator().manual_seed(4)
     control = torch.randn(1, 3, 3, 6, 5, generator=generator)
     size = [7, 23, 17]
     expected = torch.nn.functional.interpolate(control, size=size, mode="trilinear", align_corners=True)
-    assert torch.allclose(_separable(control, _linear_maps([3, 6, 5], size, control)), expected, atol=1e-5)
+    assert torch.allclose(apply(control, _linear_maps([3, 6, 5], size, control)), expected, atol=1e-5)
     volume = torch.randn(1, 2, 6, 11, 9, generator=generator)
     sigma, radius = 0.8, 2
     taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)

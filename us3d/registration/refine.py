@@ -26,6 +26,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from us3d.registration import separable
 from us3d.registration.voxelmorph import normalised, transform
 
 
@@ -76,53 +77,7 @@ def _gaussian(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (b, c, k, j, i) along every axis, edge values outside."""
     if sigma <= 0:
         return volume
-    return _separable(volume, [_gaussian_matrix(n, sigma, volume) for n in volume.shape[2:]])
-
-
-def _gaussian_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
-    """(n, n) matrix of a Gaussian blur of `sigma` samples along an axis of n, edge values outside."""
-    radius = _gaussian_radius(sigma)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    taps = taps / taps.sum()
-    rows = torch.arange(n).view(-1, 1).expand(n, offsets.numel())
-    columns = (rows + offsets.long().view(1, -1)).clamp(0, n - 1)
-    matrix = torch.zeros(n, n, dtype=torch.float64).index_put_((rows, columns), taps.expand(n, -1), accumulate=True)
-    return matrix.to(dtype=like.dtype, device=like.device)
-
-
-def _gaussian_radius(sigma: float) -> int:
-    """Taps each side of `_gaussian`'s kernel."""
-    return max(1, int(3 * sigma + 0.5))
-
-
-def _linear_matrix(n_out: int, n_in: int, like: torch.Tensor) -> torch.Tensor:
-    """(n_out, n_in) matrix of linear interpolation between a grid of n_in samples and one of n_out
-    samples spanning the same interval (first and last samples on each other, `align_corners`)."""
-    matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
-    if n_in == 1 or n_out == 1:
-        matrix[:, 0] = 1.0
-    else:
-        position = torch.arange(n_out, dtype=torch.float64) * (n_in - 1) / (n_out - 1)
-        low = position.floor().clamp(max=n_in - 2).long()
-        weight = position - low
-        rows = torch.arange(n_out)
-        matrix.index_put_((rows, low), 1 - weight, accumulate=True)
-        matrix.index_put_((rows, low + 1), weight, accumulate=True)
-    return matrix.to(dtype=like.dtype, device=like.device)
-
-
-def _separable(volume: torch.Tensor, matrices: list[torch.Tensor]) -> torch.Tensor:
-    """(b, c, k, j, i) with the (out, in) matrix `matrices[a]` applied along axis a of (k, j, i): a
-    separable linear map (interpolation, blur) as three matrix products, which are much faster than
-    torch's trilinear interpolation and depthwise 3D convolution on the CPU, forward and backward."""
-    b, c = volume.shape[:2]
-    along_k, along_j, along_i = matrices
-    out = volume @ along_i.t()  # (b, c, k, j, i')
-    out = torch.matmul(along_j, out)  # (b, c, k, j', i')
-    k, j, i = out.shape[2:]
-    out = torch.matmul(along_k, out.reshape(b * c, k, j * i))  # (b c, k', j' i')
-    return out.reshape(b, c, along_k.shape[0], j, i)
+    return separable.apply(volume, [separable.gaussian_matrix(n, sigma, volume, True) for n in volume.shape[2:]])
 
 
 def _with_gradient(volume: torch.Tensor) -> torch.Tensor:
@@ -234,12 +189,12 @@ def _to_grid(displacement: torch.Tensor, size: list[int]) -> torch.Tensor:
 def _control_to_dense(control: torch.Tensor, size: list[int]) -> torch.Tensor:
     """The control grid (values in voxels of the dense grid) interpolated onto the dense grid; the
     control points sit on the dense grid's corners and are evenly spaced between."""
-    return _separable(control, _linear_maps(list(control.shape[2:]), size, control))
+    return separable.apply(control, _linear_maps(list(control.shape[2:]), size, control))
 
 
 def _linear_maps(size_in: list[int], size_out: list[int], like: torch.Tensor) -> list[torch.Tensor]:
-    """The three `_linear_matrix` of `_control_to_dense` from a grid of `size_in` to one of `size_out`."""
-    return [_linear_matrix(n_out, n_in, like) for n_out, n_in in zip(size_out, size_in)]
+    """The three `separable.linear_matrix` of `_control_to_dense` from a grid of `size_in` to one of `size_out`."""
+    return [separable.linear_matrix(n_out, n_in, like) for n_out, n_in in zip(size_out, size_in)]
 
 
 def _penalty(control: torch.Tensor, spacing_mm: torch.Tensor, sliding: bool) -> torch.Tensor:
@@ -322,7 +277,7 @@ def unfold(displacement: torch.Tensor, passes: int = 16, margin: float = 0.05) -
         displacement = displacement.clone()
         for done in range(passes):
             # the weight is non-zero within `reach` of a fold and reads the field `reach` further on
-            reach = _gaussian_radius(sigma)
+            reach = separable.gaussian_radius(sigma)
             region = _grown(box, 2 * reach + 1, shape)
             inside = (slice(None), slice(None), *[slice(start, stop) for start, stop in region])
             folded = (_determinant_within(displacement, region) <= margin).to(displacement.dtype)[:, None]
@@ -418,7 +373,7 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
         covered = torch.ones(())
         for step in range(count):
             if settings.linearise_every <= 1:
-                displacement = start + _separable(control, to_dense)
+                displacement = start + separable.apply(control, to_dense)
                 warped = transform(level_moving, displacement)
                 with torch.no_grad():
                     inside = _source_inside(displacement)
@@ -427,14 +382,14 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
                 if step % settings.linearise_every == 0:  # moving(x + u) and its gradient there
                     with torch.no_grad():
                         anchor = control.detach().clone()
-                        displacement = start + _separable(anchor, to_dense)
+                        displacement = start + separable.apply(anchor, to_dense)
                         expansion = _warp(moving_and_gradient, displacement)
                         inside = _source_inside(displacement)
                         # the image term's expansion, zero where the source is outside (inside is 0 or 1)
                         difference = inside * (expansion[:, :1] - level_fixed)
                         slopes = inside * expansion[:, 1:]
                         covered = inside.sum().clamp(min=1.0)
-                image = _LinearisedImageTerm.apply(_separable(control - anchor, to_dense), difference, slopes) / covered
+                image = _LinearisedImageTerm.apply(separable.apply(control - anchor, to_dense), difference, slopes) / covered
             loss = image + settings.regularisation_weight * _penalty(
                 control * to_mm, control_mm, settings.sliding)
             if settings.folding_weight > 0:
@@ -443,5 +398,5 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
             loss.backward()
             optimiser.step()
         with torch.no_grad():
-            residual = _to_grid(_separable(control.detach(), to_dense), full)
+            residual = _to_grid(separable.apply(control.detach(), to_dense), full)
     return unfold(initial + residual, settings.unfold_passes) if settings.unfold_passes > 0 else initial + residual

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from us3d.models.unet import Conv3d
+from us3d.registration import separable
 
 #: The network pads k to a multiple of 4 and (j, i) to multiples of 8 (its strides).
 PAD_MULTIPLE = (4, 8, 8)
@@ -122,24 +123,11 @@ def coarse_translation(fixed: torch.Tensor, moving: torch.Tensor, factor: int = 
 
 
 def _blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (b, 1, k, j, i) along every axis, zeros outside: a matrix product
-    along each axis (a single-channel conv3d takes torch's slow reference path on the CPU)."""
-    b, k, j, i = volume.shape[0], volume.shape[2], volume.shape[3], volume.shape[4]
-    out = volume.reshape(b, k, j, i) @ _blur_matrix(i, sigma, volume)
-    out = torch.matmul(_blur_matrix(j, sigma, volume), out)
-    out = torch.matmul(_blur_matrix(k, sigma, volume), out.reshape(b, k, j * i))
-    return out.reshape(b, 1, k, j, i)
-
-
-def _blur_matrix(n: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
-    """(n, n) symmetric matrix of a Gaussian blur of `sigma` samples, taps within 3 sigma, zeros outside."""
-    radius = int(3 * sigma + 0.5)
-    index = torch.arange(n, dtype=like.dtype, device=like.device)
-    distance = index.view(-1, 1) - index.view(1, -1)
-    offsets = torch.arange(-radius, radius + 1, dtype=like.dtype, device=like.device)
-    total = torch.exp(-0.5 * (offsets / sigma) ** 2).sum()
-    taps = torch.exp(-0.5 * (distance / sigma) ** 2) * (distance.abs() <= radius).to(like.dtype)
-    return taps / total
+    """Separable Gaussian blur of (b, c, k, j, i) along every axis, zeros outside (matrix products: a
+    single-channel conv3d takes torch's slow reference path on the CPU)."""
+    return separable.apply(volume, [separable.gaussian_matrix(volume.shape[2], sigma, volume, False),
+                                    separable.gaussian_matrix(volume.shape[3], sigma, volume, False),
+                                    separable.gaussian_matrix(volume.shape[4], sigma, volume, False)])
 
 
 def translation(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
