@@ -224,12 +224,12 @@ class Registrar:
         from us3d.registration.voxelmorph import normalised, translation
 
         fixed_t, moving_t = _tensor(fixed, self.device), _tensor(moving, self.device)
-        full = list(fixed_t.shape[2:])
-        size = working_size(full, _spacing_kji(fixed))
+        full, spacing = list(fixed_t.shape[2:]), _spacing_kji(fixed)
+        size = working_size(full, spacing)
         if size != full:  # averaged down along the axes sampled finer than the network was trained on
             fixed_t = F.interpolate(fixed_t, size=size, mode="area")
             moving_t = F.interpolate(moving_t, size=size, mode="area")
-        spacing = tuple(s * n / m for s, n, m in zip(_spacing_kji(fixed), full, size))
+            spacing = tuple(s * n / m for s, n, m in zip(spacing, full, size))
         with torch.inference_mode():
             if initial is not None:
                 start = resample_displacement(initial.to(self.device), size)

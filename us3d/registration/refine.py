@@ -90,9 +90,9 @@ def _with_gradient(volume: torch.Tensor) -> torch.Tensor:
 def _warp(volume: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
     """volume(x + u(x)) for a (b, c, k, j, i) volume and a (b, 3, k, j, i) displacement in voxels:
     trilinear, edge values outside, what `us3d.registration.voxelmorph.transform` gives, without
-    gradients. The eight corners are gathered once for all channels, which on the CPU takes about
-    half the time of grid_sample with several channels; float32 on the CPU goes to a compiled kernel
-    (`us3d.registration._refine_cpu`) that reads each cell's corners once."""
+    gradients. Float32 on the CPU goes to a compiled kernel (`us3d.registration._refine_cpu`) that
+    reads each cell's corners once for all channels; elsewhere torch gathers them
+    (`_warp_by_gathering`). Both beat grid_sample with several channels."""
     if volume.device.type == "cpu" and volume.dtype == displacement.dtype == torch.float32:
         from us3d.registration._refine_cpu import warp_trilinear
 
@@ -172,12 +172,8 @@ def _reduce(volume: torch.Tensor, factor: int) -> torch.Tensor:
 
 def resample_displacement(displacement: torch.Tensor, size: list[int]) -> torch.Tensor:
     """A (b, 3, k, j, i) voxel displacement resampled (trilinear) onto the grid of `size` that covers the
-    same volume with voxels `old / size` times larger, its components rescaled to those voxels."""
-    return _to_grid(displacement, size)
-
-
-def _to_grid(displacement: torch.Tensor, size: list[int]) -> torch.Tensor:
-    """`resample_displacement` (as `_reduce` makes the grids)."""
+    same volume with voxels `old / size` times larger (as `_reduce` makes them), its components
+    rescaled to those voxels."""
     old = displacement.shape[2:]
     if list(old) == list(size):
         return displacement
@@ -271,7 +267,9 @@ def unfold(displacement: torch.Tensor, passes: int = 16, margin: float = 0.05) -
     sigma = 1.0
     shape = list(displacement.shape[2:])
     with torch.no_grad():
-        box = _box_of(jacobian_determinant(displacement) <= margin, [(0, n) for n in shape])
+        within = [(0, n) for n in shape]
+        mask = jacobian_determinant(displacement) <= margin  # the folds, over the box `within`
+        box = _box_of(mask, within)
         if box is None:
             return displacement
         displacement = displacement.clone()
@@ -280,17 +278,27 @@ def unfold(displacement: torch.Tensor, passes: int = 16, margin: float = 0.05) -
             reach = separable.gaussian_radius(sigma)
             region = _grown(box, 2 * reach + 1, shape)
             inside = (slice(None), slice(None), *[slice(start, stop) for start, stop in region])
-            folded = (_determinant_within(displacement, region) <= margin).to(displacement.dtype)[:, None]
+            # every fold lies in `box`, inside both `region` and `within`: the mask is pasted, not recomputed
+            folded = torch.zeros((displacement.shape[0], 1, *[stop - start for start, stop in region]),
+                                 dtype=displacement.dtype, device=displacement.device)
+            folded[(slice(None), 0, *_offset(box, region))] = mask[(slice(None), *_offset(box, within))].to(
+                displacement.dtype)
             weight = (4 * _gaussian(folded, sigma)).clamp(max=1.0)
             part = displacement[inside]
             displacement[inside] = part + weight * (_gaussian(part, sigma) - part)
             if done % 4 == 3:
                 sigma *= 1.5
-            changed = _grown(region, 1, shape)  # where the determinant may have changed
-            box = _box_of(_determinant_within(displacement, changed) <= margin, changed)
+            within = _grown(region, 1, shape)  # where the determinant may have changed
+            mask = _determinant_within(displacement, within) <= margin
+            box = _box_of(mask, within)
             if box is None:
                 break
     return displacement
+
+
+def _offset(box: Box, within: Box) -> list[slice]:
+    """Slices of `box` in the array that covers the box `within` (which contains it)."""
+    return [slice(start - outer, stop - outer) for (start, stop), (outer, _) in zip(box, within)]
 
 
 def _box_of(mask: torch.Tensor, within: Box) -> Box | None:
@@ -317,8 +325,7 @@ def _determinant_within(displacement: torch.Tensor, box: Box) -> torch.Tensor:
     around = _grown(box, 1, shape)
     determinant = jacobian_determinant(
         displacement[(slice(None), slice(None), *[slice(start, stop) for start, stop in around])])
-    return determinant[(slice(None), *[slice(start - outer, stop - outer)
-                                       for (start, stop), (outer, _) in zip(box, around)])]
+    return determinant[(slice(None), *_offset(box, around))]
 
 
 def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spacing: tuple[float, float, float],
@@ -353,10 +360,10 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
         with torch.no_grad():
             level_fixed, level_moving = _reduce(fixed_s, factor), _reduce(moving_s, factor)
             size = list(level_fixed.shape[2:])
-            start = _to_grid(initial, size)
+            start = resample_displacement(initial, size)
             control_size = [max(2, -(-(n - 1) // c) + 1) for n, c in zip(size, settings.control_spacing)]
             # the residual so far (from coarser levels) sampled at the control points
-            control = _control_to_dense(_to_grid(residual, size), control_size)
+            control = _control_to_dense(resample_displacement(residual, size), control_size)
         control.requires_grad_(True)
         voxel_mm = [spacing[a] * full[a] / size[a] for a in range(3)]  # the level's voxel size (k, j, i)
         control_mm = [voxel_mm[a] * (size[a] - 1) / (control_size[a] - 1) for a in range(3)]
@@ -398,5 +405,5 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
             loss.backward()
             optimiser.step()
         with torch.no_grad():
-            residual = _to_grid(separable.apply(control.detach(), to_dense), full)
+            residual = resample_displacement(separable.apply(control.detach(), to_dense), full)
     return unfold(initial + residual, settings.unfold_passes) if settings.unfold_passes > 0 else initial + residual
