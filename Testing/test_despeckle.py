@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from us3d.despeckling import Cancelled, ObnlmSettings, despeckle
+from us3d.despeckling import Cancelled, FrameTimer, ObnlmSettings, despeckle
 from us3d.io import VolumeSequence
 
 
@@ -15,11 +15,12 @@ def test_sequence_in_sequence_out_with_progress():
     sequence = _sequence()
     before = sequence.frames.copy()
     calls = []
-    result = despeckle(sequence, ObnlmSettings(), "cpu", progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(i, 5) for i in range(1, 6)]
-    assert result.output.index_values == sequence.index_values
-    assert result.output.frames.shape == sequence.frames.shape
-    assert len(result.seconds_per_frame) == 5
+    timer = FrameTimer(lambda done, total: calls.append((done, total)))
+    result = despeckle(sequence, ObnlmSettings(), "cpu", progress=timer)
+    assert calls == [(i, 5) for i in range(0, 6)]  # 0: the filter is ready
+    assert result.index_values == sequence.index_values
+    assert result.frames.shape == sequence.frames.shape
+    assert len(timer.seconds_per_frame) == 5 and min(timer.seconds_per_frame) > 0
     np.testing.assert_array_equal(sequence.frames, before)  # input unchanged
 
 
@@ -27,8 +28,8 @@ def test_cancel_after_frame_two_produces_nothing():
     done = []
     with pytest.raises(Cancelled):
         despeckle(_sequence(), ObnlmSettings(), "cpu", progress=lambda d, t: done.append(d),
-                  cancel=lambda: len(done) >= 2)
-    assert done == [1, 2]
+                  cancel=lambda: len(done) >= 3)
+    assert done == [0, 1, 2]
 
 
 def test_volume_keeps_geometry():
@@ -36,7 +37,7 @@ def test_volume_keeps_geometry():
     image.SetSpacing((0.2, 0.3, 0.9))
     image.SetOrigin((1.0, 2.0, 3.0))
     image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, -1))
-    out = despeckle(image, ObnlmSettings(mode="3d"), "cpu").output
+    out = despeckle(image, ObnlmSettings(mode="3d"), "cpu")
     assert out.GetSpacing() == image.GetSpacing() and out.GetOrigin() == image.GetOrigin()
     assert out.GetDirection() == image.GetDirection()
     assert out.GetPixelID() == sitk.sitkFloat32

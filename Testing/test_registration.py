@@ -91,25 +91,32 @@ def test_large_motion_lowers_the_mse_instead_of_raising_it():
 
 
 def test_sequence_frames_stream_one_at_a_time():
-    """Issue 15: `frame_results` registers a frame only when the caller asks for it, so a long 4D
-    sequence never holds every field at once; bad input is refused before any frame is registered."""
+    """Issue 15: with `on_frame`, each frame's result is handed out as soon as it is made and only its
+    figures are kept, so a long 4D sequence never holds every field at once; bad input is refused
+    before any frame is registered."""
+    import us3d
     from us3d.io import VolumeSequence
-    from us3d.registration.pairs import Registrar, RegistrationSettings
 
     frames = np.stack([sitk.GetArrayFromImage(shifted_blobs(shift_mm=(0.4 * t, 0.0, 0.0))) for t in range(3)])
     sequence = VolumeSequence(frames.astype(np.float32), (0.4, 0.3, 0.8))
-    registrar = Registrar(RegistrationSettings(method="translation", refine_steps=0, device="cpu"))
-    made = []
+    registrar = us3d.Registrar(us3d.RegistrationSettings(method="translation", refine_steps=0, device="cpu"))
+    made, handed, progress = [], [], []
     original = registrar.field
     registrar.field = lambda *args, **kwargs: made.append(1) or original(*args, **kwargs)
     with pytest.raises(InputError):
-        registrar.frame_results(sequence, moving=5)
-    frames_out = registrar.frame_results(sequence)
+        registrar.register_sequence(sequence, moving=5)
     assert made == []
-    first = next(frames_out)
-    assert len(made) == 1 and first.field is not None
-    rest = list(frames_out)
-    assert len(made) == 3 and len(rest) == 2 and rest[-1].mse_after < rest[-1].mse_before
+
+    def on_frame(t, result):
+        assert len(made) == t + 1 and result.field is not None and result.warped is not None
+        handed.append(t)
+
+    results = registrar.register_sequence(sequence, on_frame=on_frame, progress=lambda d, n: progress.append(d))
+    assert handed == [0, 1, 2] and progress == [0, 1, 2, 3]
+    assert all(r.field is None and r.warped is None for r in results)
+    assert results[-1].mse_after < results[-1].mse_before
+    kept = us3d.register_sequence(sequence, method="translation", refine_steps=0, device="cpu")
+    assert [r.mse_after for r in kept] == [r.mse_after for r in results] and kept[-1].field is not None
 
 
 def test_volumes_sampled_finer_than_the_training_data_are_registered_on_a_coarser_grid():

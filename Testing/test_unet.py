@@ -104,10 +104,10 @@ def test_sequence_frames_match_single_volume_runs(model_file, tmp_path):
     sequence = VolumeSequence(frames, (0.4, 0.3, 0.8), origin=(1.0, 2.0, 3.0), index_values=["0", "0.5", "1"])
     seen = []
     result = despeckle(sequence, UnetSettings(str(model_file)), "cpu", progress=lambda d, t: seen.append((d, t)))
-    assert seen == [(1, 3), (2, 3), (3, 3)]
-    assert result.output.index_values == ["0", "0.5", "1"] and result.output.origin == (1.0, 2.0, 3.0)
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert result.index_values == ["0", "0.5", "1"] and result.origin == (1.0, 2.0, 3.0)
     module = load_model(str(model_file)).module
-    np.testing.assert_allclose(result.output.frames[1], predict(module, frames[1:2], CPU)[0], atol=1e-4)
+    np.testing.assert_allclose(result.frames[1], predict(module, frames[1:2], CPU)[0], atol=1e-4)
     calls = iter([False, False, True])
     with pytest.raises(Cancelled):
         despeckle(sequence, UnetSettings(str(model_file)), "cpu", cancel=lambda: next(calls))
@@ -118,8 +118,8 @@ def test_volume_keeps_geometry(model_file):
     image.SetSpacing((0.3, 0.4, 0.9))
     image.SetOrigin((5.0, -3.0, 2.0))
     result = despeckle(image, UnetSettings(str(model_file)), "cpu")
-    assert result.output.GetSpacing() == image.GetSpacing() and result.output.GetOrigin() == image.GetOrigin()
-    assert result.output.GetPixelID() == sitk.sitkFloat32
+    assert result.GetSpacing() == image.GetSpacing() and result.GetOrigin() == image.GetOrigin()
+    assert result.GetPixelID() == sitk.sitkFloat32
 
 
 def test_missing_cuda_is_a_clear_error(model_file, monkeypatch):

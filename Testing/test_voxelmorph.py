@@ -140,14 +140,14 @@ def test_translation_ignores_a_static_sector_mask_and_a_depth_trend():
 def test_bundled_voxelmorph_recovers_a_known_shift_of_a_phantom_volume():
     from us3d.phantom import simulate_volume
     from us3d.registration.fields import field_array
-    from us3d.registration.pairs import RegistrationSettings, register_pair
+    import us3d
 
     bmode = simulate_volume(9150).bmode[0]
     fixed = sitk.GetImageFromArray(bmode[:, :, 10:-10].astype(np.float32))
     fixed.SetSpacing((0.4, 0.3, 0.8))
     moving = sitk.GetImageFromArray(bmode[:, :, 5:-15].astype(np.float32))  # fixed(x) = moving(x + 5 voxels in i)
     moving.SetSpacing((0.4, 0.3, 0.8))
-    result = register_pair(fixed, moving, RegistrationSettings(device="cpu"))
+    result = us3d.register(fixed, moving, device="cpu")
     inner = field_array(result.field)[4:-4, 8:-8, 8:-8].reshape(-1, 3)
     np.testing.assert_allclose(np.median(inner, axis=0), [2.0, 0.0, 0.0], atol=0.3)
     assert result.mse_after < 0.5 * result.mse_before and result.folding < 1e-3

@@ -66,6 +66,8 @@ def run_step(arguments: list[str], frames: int) -> dict:
     for line in process.stderr:
         if ": frame " in line:
             done = int(line.rsplit(" ", 1)[1].split("/")[0])
+            if done == 0:  # the step is ready (model loaded, inputs pre-processed): the first frame starts
+                continue
             stamps.append(time.perf_counter())
             if done in CHECKPOINTS or done == frames:
                 rss[done] = _rss_gib(process.pid)

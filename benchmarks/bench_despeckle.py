@@ -95,14 +95,13 @@ def scaling(volume: np.ndarray, sizes, threads: int, folder: Path, methods) -> d
 
 def sequence_scaling(volume: np.ndarray, lengths, repeats: int) -> dict[str, dict[int, float]]:
     """Seconds to despeckle sequences of `lengths` frames through us3d.despeckle (OBNLM and U-Net)."""
-    from us3d.despeckling import ObnlmSettings, UnetSettings, despeckle
+    import us3d
     from us3d.io import VolumeSequence
 
     out = {}
-    for name, settings in (("OBNLM slice-wise (ours)", ObnlmSettings()), ("U-Net unet-obnlm (ours)",
-                                                                          UnetSettings())):
-        out[name] = {n: median_time(lambda: despeckle(VolumeSequence(np.repeat(volume[None], n, 0), SPACING),
-                                                      settings, "cpu"), repeats) for n in lengths}
+    for name, method in (("OBNLM slice-wise (ours)", "obnlm"), ("U-Net unet-obnlm (ours)", "unet")):
+        out[name] = {n: median_time(lambda: us3d.despeckle(VolumeSequence(np.repeat(volume[None], n, 0), SPACING),
+                                                           method, device="cpu"), repeats) for n in lengths}
     return out
 
 

@@ -5,8 +5,8 @@ On held-out simulated breathing sequences (never trained on; `us3d.training.regi
 "standard" (the project's simulator configuration, breathing up to 12 mm), "varied" (imaging and
 breathing drawn from wide ranges, 5-20 mm, depth along i for about half) and "sliding" (16 mm
 breathing under an abdominal wall that does not follow the liver). The paper's protocol: frame 0
-(exhale) is registered to each other frame. Every method runs through `us3d.registration.pairs.Registrar`,
-the code the CLI and Slicer use:
+(exhale) is registered to each other frame. Every method runs through `us3d.Registrar` (the network
+loaded once), the code `us3d.register`, the CLI and Slicer use:
 - rigid only (the FFT translation), network only (the paper's pure VoxelMorph), refinement only
   (from the translation), network + refinement (the default), SimpleITK demons (the largest-motion
   pair of each sequence) and one SimpleITK B-spline configuration (the largest-motion pair of the
@@ -34,12 +34,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+import us3d
 from us3d import __version__
 from us3d.io import VolumeSequence
 from us3d.options import DEFAULT_REFINE_STEPS
 from us3d.phantom import LABELS
 from us3d.registration.fields import field_array, field_image, folding_fraction, source_inside, warp
-from us3d.registration.pairs import Registrar, RegistrationSettings, intensity_mse
+from us3d.registration.pairs import PairResult
+
+Registrar, RegistrationSettings = us3d.Registrar, us3d.RegistrationSettings
 from us3d.training.registration import TEST, motion_sequences
 from us3d.views import centre_slices, display_window, side_by_side, to_grey, write_png
 
@@ -114,12 +117,9 @@ def run(registrar: Registrar, pairs: list[Pair]) -> list[dict]:
     """Register every pair (pre-processed by the registrar) and score it."""
     rows = []
     for pair in pairs:
-        fixed, moving = registrar.preprocess(pair.fixed), registrar.preprocess(pair.moving)
-        start = time.perf_counter()
-        field, _ = registrar.field(fixed, moving)
-        seconds = time.perf_counter() - start
-        row = score(pair, field, seconds)
-        row["mse_before"], row["mse_after"] = intensity_mse(fixed, moving, field)
+        result: PairResult = registrar.register_pair(pair.fixed, pair.moving)
+        row = score(pair, result.field, result.seconds)
+        row["mse_before"], row["mse_after"] = result.mse_before, result.mse_after
         rows.append(row)
     return rows
 

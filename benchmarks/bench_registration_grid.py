@@ -23,6 +23,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+import us3d
 from us3d import __version__
 from us3d.io import VolumeSequence
 from us3d.phantom import simulate_sequence
@@ -41,7 +42,7 @@ def register_all(sequence: VolumeSequence, displacement: np.ndarray, own_grid: b
     finest = (0.0, 0.0, 0.0) if own_grid else pairs.FINEST_TRAINED_SPACING_MM
     rows = []
     with mock.patch.object(pairs, "FINEST_TRAINED_SPACING_MM", finest):
-        registrar = pairs.Registrar(pairs.RegistrationSettings(device="cpu"))
+        registrar = us3d.Registrar(us3d.RegistrationSettings(device="cpu"))
         moving = sequence.frame_image(0)
         for t in range(1, len(sequence)):
             fixed = sequence.frame_image(t)

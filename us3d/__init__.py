@@ -9,13 +9,15 @@ From Python::
     result = us3d.register(fixed, moving)             # SimpleITK images
     result.field, result.warped, result.mse_after     # ITK displacement field (LPS mm), warped moving
     us3d.metrics.smpi(original_array, smooth_array)   # the metrics, on numpy arrays
+
+Many pairs with one network load: `us3d.Registrar(us3d.RegistrationSettings(...)).register_pair`.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from us3d.options import DEFAULT_REFINE_STEPS
 
@@ -28,12 +30,15 @@ if TYPE_CHECKING:  # torch and SimpleITK load only when a function is called
     from us3d.registration.pairs import PairResult
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "read", "write", "despeckle", "register", "register_sequence", "simulate", "metrics"]
+__all__ = ["__version__", "read", "write", "despeckle", "register", "register_sequence", "simulate", "metrics",
+           "Registrar", "RegistrationSettings"]
 
 
 def __getattr__(name: str):
     if name == "metrics":  # imported on first use (it loads scikit-image)
         return importlib.import_module("us3d.metrics")
+    if name in ("Registrar", "RegistrationSettings"):  # for many pairs: the network is loaded once
+        return getattr(importlib.import_module("us3d.registration.pairs"), name)
     raise AttributeError(f"module 'us3d' has no attribute {name!r}")
 
 
@@ -98,7 +103,8 @@ def despeckle(volume: "np.ndarray | sitk.Image | VolumeSequence", method: str = 
     h : float, optional
         OBNLM only: the smoothing parameter h (default 0.7).
     progress : callable, optional
-        progress(frames_done, total) after each frame.
+        progress(0, total) once the filter is ready (model loaded, kernel compiled), then
+        progress(frames_done, total) after each frame (`us3d.despeckling.FrameTimer` times frames).
     cancel : callable, optional
         Returning True stops the run with `us3d.errors.Cancelled`.
 
@@ -118,31 +124,19 @@ def despeckle(volume: "np.ndarray | sitk.Image | VolumeSequence", method: str = 
     import numpy as np
     import SimpleITK as sitk
 
-    from us3d.despeckling import ObnlmSettings, UnetSettings, despeckle as despeckle_data
+    from us3d.despeckling import despeckle as despeckle_data, settings_from_arguments
     from us3d.errors import InputError
     from us3d.io import VolumeSequence
-    from us3d.options import DESPECKLE_METHODS
 
-    obnlm = {"mode": mode, "search_radius": search_radius, "block_radius": block_radius, "h": h}
-    if method == "obnlm":
-        if model is not None:
-            raise InputError("model applies to method='unet'")
-        settings = ObnlmSettings(**{k: v for k, v in obnlm.items() if v is not None})
-    elif method == "unet":
-        given = [k for k, v in obnlm.items() if v is not None]
-        if given:
-            raise InputError(f"{', '.join(given)} apply to method='obnlm'")
-        settings = UnetSettings(model or UnetSettings.model)
-    else:
-        raise InputError(f"method must be one of {', '.join(DESPECKLE_METHODS)}, not {method!r}")
+    settings = settings_from_arguments(method, model, mode, search_radius, block_radius, h)
     if isinstance(volume, (sitk.Image, VolumeSequence)):
-        return despeckle_data(volume, settings, device, progress, cancel).output
+        return despeckle_data(volume, settings, device, progress, cancel)
     array = np.asarray(volume)
     if array.ndim == 3:
         image = sitk.GetImageFromArray(array)
-        return sitk.GetArrayFromImage(despeckle_data(image, settings, device, progress, cancel).output)
+        return sitk.GetArrayFromImage(despeckle_data(image, settings, device, progress, cancel))
     if array.ndim == 4:
-        return despeckle_data(VolumeSequence(array), settings, device, progress, cancel).output.frames
+        return despeckle_data(VolumeSequence(array), settings, device, progress, cancel).frames
     raise InputError(f"volume must be a (k, j, i) or (t, k, j, i) array, an image or a sequence, not a "
                      f"{array.ndim}-dimensional array")
 
@@ -182,7 +176,8 @@ def simulate(frames: int = 8, seed: int = 0, *, conditions: str = "standard",
 
 def register(fixed: "sitk.Image", moving: "sitk.Image", *, method: str = "voxelmorph", preprocessing: str = "none",
              refine_steps: int = DEFAULT_REFINE_STEPS, device: str = "auto", model: str | None = None,
-             truth: "sitk.Image | None" = None) -> "PairResult":
+             unet_model: str = "unet-obnlm", truth: "sitk.Image | None" = None,
+             cancel: Callable[[], bool] | None = None) -> "PairResult":
     """Register `moving` onto `fixed` (deformable, 3D).
 
     Parameters
@@ -201,8 +196,12 @@ def register(fixed: "sitk.Image", moving: "sitk.Image", *, method: str = "voxelm
     device : {"auto", "cpu", "cuda"}
     model : str, optional
         A VoxelMorph model name or .pt file instead of the bundled one.
+    unet_model : str
+        The U-Net (name or .pt file) used when `preprocessing` is "unet".
     truth : SimpleITK.Image, optional
         The true displacement field, for `result.endpoint_error` (mean, p95; mm).
+    cancel : callable, optional
+        Returning True stops the run with `us3d.errors.Cancelled`.
 
     Returns
     -------
@@ -210,6 +209,9 @@ def register(fixed: "sitk.Image", moving: "sitk.Image", *, method: str = "voxelm
         `.field`: ITK displacement field on the fixed grid (LPS, mm): warped(x) = moving(x + field(x));
         `.warped`: the moving volume on the fixed grid; `.mse_before`, `.mse_after`, `.folding`
         (fraction of voxels), `.seconds`.
+
+    Each call loads the network; to register many pairs, make one `us3d.Registrar` and call its
+    `register_pair` (the same settings, as a `us3d.RegistrationSettings`).
 
     Examples
     --------
@@ -220,29 +222,45 @@ def register(fixed: "sitk.Image", moving: "sitk.Image", *, method: str = "voxelm
     """
     from us3d.registration.pairs import Registrar, RegistrationSettings
 
-    settings = RegistrationSettings(method, preprocessing, refine_steps, device, model)
-    return Registrar(settings).register_pair(fixed, moving, truth)
+    settings = RegistrationSettings(method, preprocessing, refine_steps, device, model, unet_model)
+    return Registrar(settings).register_pair(fixed, moving, truth, cancel=cancel)
 
 
-def register_sequence(sequence: "VolumeSequence", moving_frame: int = 0, *, method: str = "voxelmorph",
+def register_sequence(sequence: "VolumeSequence", moving_frame: "int | sitk.Image" = 0, *, method: str = "voxelmorph",
                       preprocessing: str = "none", refine_steps: int = DEFAULT_REFINE_STEPS, device: str = "auto",
-                      model: str | None = None, truths: "list[sitk.Image] | None" = None,
+                      model: str | None = None, unet_model: str = "unet-obnlm",
+                      truths: "Sequence[sitk.Image] | None" = None,
                       progress: Callable[[int, int], None] | None = None,
-                      cancel: Callable[[], bool] | None = None) -> "list[PairResult]":
-    """The paper's protocol on a 4D sequence: frame `moving_frame` (the exhale frame) registered to
-    every frame; one `PairResult` per frame (see `register` for the settings).
+                      cancel: Callable[[], bool] | None = None,
+                      on_frame: "Callable[[int, PairResult], None] | None" = None) -> "list[PairResult]":
+    """The paper's protocol on a 4D sequence: the moving volume (frame `moving_frame`, the exhale
+    frame, or a volume from outside the sequence) registered to every frame; one `PairResult` per
+    frame (see `register` for the settings).
 
-    `sequence` is a `us3d.io.VolumeSequence` (`us3d.io.read_sequence("x.seq.nrrd")`); `truths`: the
-    true field of each frame, for endpoint errors; `progress(done, total)` after each frame;
-    `cancel()` returning True stops with `us3d.errors.Cancelled`.
+    Parameters
+    ----------
+    sequence : us3d.io.VolumeSequence
+        The fixed frames (`us3d.read("x.seq.nrrd")`).
+    moving_frame : int or SimpleITK.Image
+        The paper's reference frame: an index into `sequence` (default 0), or a volume (resampled
+        onto the frames' grid if it lies on another).
+    truths : sequence of SimpleITK.Image, optional
+        The true field of each frame (frame t <- the moving volume), for endpoint errors.
+    progress : callable, optional
+        progress(0, total) once the inputs are pre-processed, then progress(done, total) after each frame.
+    cancel : callable, optional
+        Returning True stops the run with `us3d.errors.Cancelled`.
+    on_frame : callable, optional
+        on_frame(t, result) as soon as frame t is registered. With it, the returned results keep
+        only the figures (`field` and `warped` are None), so memory does not grow with the number
+        of frames: write or use each frame's field and warped volume in `on_frame`.
 
     Examples
     --------
-    >>> from us3d.io import read_sequence
-    >>> results = us3d.register_sequence(read_sequence("liver.seq.nrrd"))  # doctest: +SKIP
+    >>> results = us3d.register_sequence(us3d.read("liver.seq.nrrd"))  # doctest: +SKIP
     >>> [r.mse_after for r in results]  # doctest: +SKIP
     """
     from us3d.registration.pairs import Registrar, RegistrationSettings
 
-    settings = RegistrationSettings(method, preprocessing, refine_steps, device, model)
-    return Registrar(settings).register_sequence(sequence, moving_frame, truths, progress, cancel)
+    settings = RegistrationSettings(method, preprocessing, refine_steps, device, model, unet_model)
+    return Registrar(settings).register_sequence(sequence, moving_frame, truths, progress, cancel, on_frame)

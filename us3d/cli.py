@@ -89,8 +89,10 @@ def _check_kind_matches(data, output: Path) -> None:
 def cmd_despeckle(args: argparse.Namespace) -> int:
     import warnings
 
-    from us3d.despeckling import ObnlmSettings, UnetSettings, despeckle
-    from us3d.io import check_output_path, read_volume_or_sequence
+    import us3d
+    from us3d.despeckling import FrameTimer, settings_from_arguments
+    from us3d.devices import resolve_device
+    from us3d.io import check_output_path
 
     output = check_output_path(args.output, args.input)
     report = Path(args.report) if args.report else None
@@ -103,37 +105,37 @@ def cmd_despeckle(args: argparse.Namespace) -> int:
         from us3d.models.bundle import resolve_model
 
         resolve_model(args.model)  # an unknown model name fails before the input is read
-    data = read_volume_or_sequence(args.input)
-    _check_kind_matches(data, output)
-    if args.method == "unet":
-        settings = UnetSettings(args.model)
-        described = f"U-Net {args.model}"
+        settings = settings_from_arguments("unet", model=args.model)
     else:
-        settings = ObnlmSettings(args.mode, args.search_radius, args.block_radius, args.h)
-        described = f"OBNLM {settings.mode} M={settings.search_radius} alpha={settings.block_radius} h={settings.h}"
+        settings = settings_from_arguments("obnlm", mode=args.mode, search_radius=args.search_radius,
+                                           block_radius=args.block_radius, h=args.h)
+    data = us3d.read(args.input)
+    _check_kind_matches(data, output)
+    device = resolve_device(args.device).type
     caught: list[str] = []
 
     def show(message, *rest) -> None:
         caught.append(str(message))
         print(f"us3d despeckle: warning: {message}", file=sys.stderr)
 
+    timer = FrameTimer(ProgressBar("despeckle"))
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = show
-        result = despeckle(data, settings, args.device, progress=ProgressBar("despeckle"))
+        despeckled = us3d.despeckle(data, **settings.arguments(), device=args.device, progress=timer)
     if report is None:
-        _write(result.output, output)
+        _write(despeckled, output)
     else:
         from us3d.io import atomic_outputs, write_any
 
         with atomic_outputs([output, report]) as (temporary, temporary_report):
-            write_any(result.output, temporary)
+            write_any(despeckled, temporary)
             Path(temporary_report).write_text(json.dumps({
-                "method": described, "device": result.device, "seconds_per_frame": result.seconds_per_frame,
+                "method": settings.description(), "device": device, "seconds_per_frame": timer.seconds_per_frame,
                 "warnings": caught}, indent=1))
-    frames = len(result.seconds_per_frame)
-    print(f"wrote {output} ({frames} frame{'s' if frames > 1 else ''}, {described}, "
-          f"{np.median(result.seconds_per_frame):.2f} s per frame on {result.device})")
+    frames = len(timer.seconds_per_frame)
+    print(f"wrote {output} ({frames} frame{'s' if frames > 1 else ''}, {settings.description()}, "
+          f"{np.median(timer.seconds_per_frame):.2f} s per frame on {device})")
     return 0
 
 
@@ -279,8 +281,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 # --- register --------------------------------------------------------------------------------
 
 def cmd_register(args: argparse.Namespace) -> int:
+    import us3d
     from us3d.io import atomic_outputs, check_output_path, read_volume, write_volume
-    from us3d.registration.pairs import Registrar
 
     warped_path = check_output_path(args.warped, args.fixed, args.moving)
     outputs = [warped_path]
@@ -288,9 +290,9 @@ def cmd_register(args: argparse.Namespace) -> int:
         outputs.append(check_output_path(args.field, args.fixed, args.moving))
         if outputs[1] == warped_path:
             raise InputError("--field must name another file than the warped output")
-    registrar = Registrar(_registration_settings(args))
+    settings = _registration_settings(args)
     fixed, moving = read_volume(args.fixed), read_volume(args.moving)
-    result = registrar.register_pair(fixed, moving)
+    result = us3d.register(fixed, moving, **settings)
     with atomic_outputs(outputs) as temporaries:
         write_volume(result.warped, temporaries[0])
         if args.field:
@@ -328,11 +330,10 @@ class _FieldFiles:
 
 def cmd_register_sequence(args: argparse.Namespace) -> int:
     import csv
-    import dataclasses
     import io
 
+    import us3d
     from us3d.io import atomic_outputs, read_sequence, write_any
-    from us3d.registration.pairs import Registrar
 
     outdir = Path(args.outdir)
     _check_new_folder(outdir)
@@ -366,28 +367,31 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
     outputs.append(outdir / "metrics.csv")
     if Path(args.sequence).resolve() in {path.resolve() for path in outputs}:
         raise InputError(f"{args.sequence} would be overwritten by an output; choose another folder")
-    registrar = Registrar(_registration_settings(args))
-    frames = registrar.frame_results(sequence, moving, truths, progress=ProgressBar("register"))
+    settings = _registration_settings(args)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(METRIC_COLUMNS)
-    results, warped = [], None
-    # Frames stream through: each field is written as soon as it is made and only its figures are
-    # kept, so memory does not grow with the frame count; the outputs appear (and the folder stays)
-    # only once every frame is done.
+    warped = None
+
+    def write_frame(t: int, result) -> None:
+        """Frames stream through: each field is written as soon as it is made, and the caller keeps
+        only its figures, so memory does not grow with the frame count."""
+        nonlocal warped
+        write_any(result.field, temporaries[1 + t])
+        frame = sitk.GetArrayViewFromImage(result.warped)
+        if warped is None:
+            warped = np.empty((count,) + frame.shape, frame.dtype)
+        warped[t] = frame
+        epe = result.endpoint_error or (float("nan"), float("nan"))
+        writer.writerow([t, sequence.index_values[t], f"{result.mse_before:.6f}", f"{result.mse_after:.6f}",
+                         "" if result.smpi is None else f"{result.smpi:.4f}", f"{100 * result.folding:.4f}",
+                         "" if truths is None else f"{epe[0]:.4f}", "" if truths is None else f"{epe[1]:.4f}",
+                         f"{result.seconds:.3f}", int(result.resampled)])
+
+    # The outputs appear (and the folder stays) only once every frame is done.
     with _created_folder(outdir), atomic_outputs(outputs) as temporaries:
-        for t, result in enumerate(frames):
-            write_any(result.field, temporaries[1 + t])
-            frame = sitk.GetArrayViewFromImage(result.warped)
-            if warped is None:
-                warped = np.empty((count,) + frame.shape, frame.dtype)
-            warped[t] = frame
-            epe = result.endpoint_error or (float("nan"), float("nan"))
-            writer.writerow([t, sequence.index_values[t], f"{result.mse_before:.6f}", f"{result.mse_after:.6f}",
-                             "" if result.smpi is None else f"{result.smpi:.4f}", f"{100 * result.folding:.4f}",
-                             "" if truths is None else f"{epe[0]:.4f}", "" if truths is None else f"{epe[1]:.4f}",
-                             f"{result.seconds:.3f}", int(result.resampled)])
-            results.append(dataclasses.replace(result, field=None, warped=None))
+        results = us3d.register_sequence(sequence, moving, **settings, truths=truths,
+                                         progress=ProgressBar("register"), on_frame=write_frame)
         write_any(sequence.with_frames(warped), temporaries[0])
         Path(temporaries[-1]).write_text(table.getvalue())
     print(table.getvalue(), end="")
@@ -507,13 +511,20 @@ def _registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default auto)")
 
 
-def _registration_settings(args: argparse.Namespace):
+def _registration_settings(args: argparse.Namespace) -> dict:
+    """`us3d.register`'s keyword arguments from the command line, checked before any volume is read."""
+    from us3d.models.bundle import resolve_model
     from us3d.registration.pairs import RegistrationSettings
 
     if args.method != "voxelmorph" and args.registration_model:
         raise InputError(f"--registration-model is a VoxelMorph model; it does not apply to --method {args.method}")
-    return RegistrationSettings(method=args.method, preprocessing=args.preprocessing, refine_steps=args.refine_steps,
-                                device=args.device, model=args.registration_model, unet_model=args.unet_model)
+    settings = dict(method=args.method, preprocessing=args.preprocessing, refine_steps=args.refine_steps,
+                    device=args.device, model=args.registration_model, unet_model=args.unet_model)
+    RegistrationSettings(**settings).check()
+    for name in ([args.registration_model or "voxelmorph"] if args.method == "voxelmorph" else []) + (
+            [args.unet_model] if args.preprocessing == "unet" else []):
+        resolve_model(name)  # an unknown model fails before the inputs are read
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,12 +19,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+import us3d
 from us3d import __version__, metrics
-from us3d.despeckling import ObnlmSettings, UnetSettings, despeckle
-from us3d.io import atomic_outputs, read_volume, write_any
-from us3d.phantom import LABELS, simulate_sequence
+from us3d.despeckling import FrameTimer, ObnlmSettings, UnetSettings
+from us3d.devices import resolve_device
+from us3d.io import atomic_outputs, write_any
+from us3d.phantom import LABELS
 from us3d.registration.fields import field_image
-from us3d.registration.pairs import Registrar, RegistrationSettings
 from us3d.resources import sample_data
 from us3d.views import write_comparison
 
@@ -61,31 +62,35 @@ def run_demo(outdir: Path, frames: int = 4, seed: int = 0, device: str = "auto",
     rows = []
 
     # 1. Simulated 4D liver sequence with known clean echogenicity and labels.
-    phantom = simulate_sequence(frames, seed)
+    phantom = us3d.simulate(frames, seed)
     sequence = phantom.to_sequence()
-    liver = {name: despeckle(sequence, settings, device, progress=progress) for name, settings in methods.items()}
+    liver, liver_seconds = {}, {}
+    for name, settings in methods.items():
+        timer = FrameTimer(progress)
+        liver[name] = us3d.despeckle(sequence, **settings.arguments(), device=device, progress=timer)
+        liver_seconds[name] = timer.seconds_per_frame
     rows += _liver_rows(phantom, "input", phantom.bmode, [])
-    for name, result in liver.items():
-        rows += _liver_rows(phantom, name, result.output.frames, result.seconds_per_frame)
+    for name, output in liver.items():
+        rows += _liver_rows(phantom, name, output.frames, liver_seconds[name])
     rows.sort(key=lambda row: row["volume"])
 
     # 2. Real 3D B-mode volume (spine phantom, freehand sweep): no ground truth.
-    spine = read_volume(sample_data(SPINE))
+    spine = us3d.read(sample_data(SPINE))
     spine_in = sitk.GetArrayFromImage(spine).astype(np.float64)
     hull = spine_in > 0  # voxels inside the sweep; the rest of the volume is empty
     spine_out = {}
     for name in methods:
-        result = despeckle(spine, methods[name], device)
-        spine_out[name] = result.output
+        timer = FrameTimer()
+        spine_out[name] = us3d.despeckle(spine, **methods[name].arguments(), device=device, progress=timer)
         rows.append({"volume": "spine phantom (real, inside sweep)", "method": name,
-                     "smpi": metrics.smpi(spine_in, sitk.GetArrayFromImage(result.output), hull),
-                     "gcnr": None, "psnr": None, "seconds": result.seconds_per_frame[0]})
+                     "smpi": metrics.smpi(spine_in, sitk.GetArrayFromImage(spine_out[name]), hull),
+                     "gcnr": None, "psnr": None, "seconds": timer.seconds_per_frame[0]})
 
     # 3. Registration of the exhale frame to every frame, for each pre-processing.
     reference = sequence.frame_image(0)
     truths = [field_image(phantom.displacement[t], reference) for t in range(frames)]
-    registered = {pre: Registrar(RegistrationSettings(preprocessing=pre, device=device)).register_sequence(
-        sequence, 0, truths) for pre in ("none", "obnlm", "unet")}
+    registered = {pre: us3d.register_sequence(sequence, 0, preprocessing=pre, device=device, truths=truths)
+                  for pre in ("none", "obnlm", "unet")}
     moved = max(range(frames), key=lambda t: float(np.abs(phantom.displacement[t]).max()))
     registration_views = {
         pre: write_comparison([phantom.bmode[moved].astype(np.float32), phantom.bmode[0].astype(np.float32),
@@ -95,9 +100,9 @@ def run_demo(outdir: Path, frames: int = 4, seed: int = 0, device: str = "auto",
     warped_sequence = sequence.with_frames(np.stack([sitk.GetArrayFromImage(r.warped) for r in registered["none"]]))
 
     outputs = {outdir / "liver_input.seq.nrrd": sequence,
-               outdir / "liver_obnlm.seq.nrrd": liver["OBNLM"].output,
-               outdir / "liver_unet-obnlm.seq.nrrd": liver["unet-obnlm"].output,
-               outdir / "liver_unet-sim.seq.nrrd": liver["unet-sim"].output,
+               outdir / "liver_obnlm.seq.nrrd": liver["OBNLM"],
+               outdir / "liver_unet-obnlm.seq.nrrd": liver["unet-obnlm"],
+               outdir / "liver_unet-sim.seq.nrrd": liver["unet-sim"],
                outdir / "spine_obnlm.nrrd": spine_out["OBNLM"],
                outdir / "spine_unet-obnlm.nrrd": spine_out["unet-obnlm"],
                outdir / "spine_unet-sim.nrrd": spine_out["unet-sim"],
@@ -107,13 +112,13 @@ def run_demo(outdir: Path, frames: int = 4, seed: int = 0, device: str = "auto",
             write_any(data, temporary)
 
     liver_views = write_comparison([phantom.bmode[0].astype(np.float32)] +
-                                   [liver[name].output.frames[0] for name in methods],
+                                   [liver[name].frames[0] for name in methods],
                                    phantom.spacing, str(outdir / "liver_frame0"), window=(0.0, 255.0))
     spine_views = write_comparison([spine_in.astype(np.float32)] +
                                    [sitk.GetArrayFromImage(spine_out[name]) for name in methods],
                                    spine.GetSpacing(), str(outdir / "spine"))
     report = outdir / "report.md"
-    text = _report(rows, methods["OBNLM"], liver["OBNLM"].device, liver_views, spine_views,
+    text = _report(rows, methods["OBNLM"], resolve_device(device).type, liver_views, spine_views,
                    [p.name for p in outputs], frames, seed)
     report.write_text(text + _registration_report(registered, registration_views, moved))
     return report

@@ -21,9 +21,11 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+import us3d
 from us3d import metrics
-from us3d.despeckling import ObnlmSettings, UnetSettings, despeckle
-from us3d.io import VolumeSequence, read_volume_or_sequence, write_any
+from us3d.despeckling import FrameTimer, ObnlmSettings, UnetSettings
+from us3d.devices import resolve_device
+from us3d.io import VolumeSequence, write_any
 from us3dmrml.background import BackgroundRun, new_folder
 from us3dmrml.nodes import image_from_volume_node, new_sequence_node, new_volume_node, sequence_from_sequence_node
 
@@ -40,12 +42,6 @@ class DespeckleRun:
     warnings: list[str] = dataclasses.field(default_factory=list)  # e.g. CUDA out of memory, fell back
 
 
-def describe(settings: ObnlmSettings | UnetSettings) -> str:
-    if isinstance(settings, UnetSettings):
-        return f"U-Net {settings.model}"
-    return f"OBNLM {settings.mode} M={settings.search_radius} a={settings.block_radius} h={settings.h:g}"
-
-
 def _smpi(original: np.ndarray, filtered: np.ndarray) -> float:
     try:
         return metrics.smpi(original.astype(np.float64), filtered.astype(np.float64))
@@ -54,25 +50,26 @@ def _smpi(original: np.ndarray, filtered: np.ndarray) -> float:
 
 
 def _despeckle_noting_warnings(data, settings, device, progress, cancel):
-    """us3d's despeckle, with its warnings (e.g. a CUDA fallback) returned for the panel."""
+    """`us3d.despeckle`: (output, seconds per frame, device, its warnings (e.g. a CUDA fallback)) for the panel."""
+    timer = FrameTimer(progress)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = despeckle(data, settings, device, progress, cancel)
-    return result, [str(warning.message) for warning in caught]
+        output = us3d.despeckle(data, **settings.arguments(), device=device, progress=timer, cancel=cancel)
+    return output, timer.seconds_per_frame, resolve_device(device).type, [str(warning.message) for warning in caught]
 
 
 def _volume_run(scene, input_node, image: sitk.Image, output: sitk.Image, seconds: list[float], device: str,
                 settings, caught: list[str], output_name: str | None) -> DespeckleRun:
-    name = output_name or f"{input_node.GetName()} {describe(settings).split()[0]}"
+    name = output_name or f"{input_node.GetName()} {settings.description().split()[0]}"
     node = new_volume_node(scene, output, name)
     smpi = _smpi(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(output))
-    return DespeckleRun(node, [smpi], seconds, device, describe(settings), caught)
+    return DespeckleRun(node, [smpi], seconds, device, settings.description(), caught)
 
 
 def _sequence_run(scene, sequence_node, sequence: VolumeSequence, output: VolumeSequence, seconds: list[float],
                   device: str, settings, caught: list[str], browser_node, sequences_logic,
                   output_name: str | None) -> DespeckleRun:
-    name = output_name or f"{sequence_node.GetName()} {describe(settings).split()[0]}"
+    name = output_name or f"{sequence_node.GetName()} {settings.description().split()[0]}"
     node = new_sequence_node(scene, output, name)
     if browser_node is not None:
         browser_node.AddSynchronizedSequenceNodeID(node.GetID())
@@ -83,7 +80,7 @@ def _sequence_run(scene, sequence_node, sequence: VolumeSequence, output: Volume
                 proxy.SetName(scene.GenerateUniqueName(name))
                 proxy.CreateDefaultDisplayNodes()
     smpi = [_smpi(a, b) for a, b in zip(sequence.frames, output.frames)]
-    return DespeckleRun(node, smpi, seconds, device, describe(settings), caught)
+    return DespeckleRun(node, smpi, seconds, device, settings.description(), caught)
 
 
 def despeckle_volume_node(scene, input_node, settings: ObnlmSettings | UnetSettings, device: str = "auto",
@@ -91,9 +88,8 @@ def despeckle_volume_node(scene, input_node, settings: ObnlmSettings | UnetSetti
                           cancel: Callable[[], bool] | None = None, output_name: str | None = None) -> DespeckleRun:
     """Despeckle a scalar volume node into a new volume node with the same geometry (in this process)."""
     image = image_from_volume_node(input_node)
-    result, caught = _despeckle_noting_warnings(image, settings, device, progress, cancel)
-    return _volume_run(scene, input_node, image, result.output, result.seconds_per_frame, result.device, settings,
-                       caught, output_name)
+    output, seconds, used, caught = _despeckle_noting_warnings(image, settings, device, progress, cancel)
+    return _volume_run(scene, input_node, image, output, seconds, used, settings, caught, output_name)
 
 
 def despeckle_sequence_node(scene, sequence_node, settings: ObnlmSettings | UnetSettings, device: str = "auto",
@@ -107,9 +103,9 @@ def despeckle_sequence_node(scene, sequence_node, settings: ObnlmSettings | Unet
     its proxy volume node is created at once) so both play in step.
     """
     sequence = sequence_from_sequence_node(sequence_node)
-    result, caught = _despeckle_noting_warnings(sequence, settings, device, progress, cancel)
-    return _sequence_run(scene, sequence_node, sequence, result.output, result.seconds_per_frame, result.device,
-                         settings, caught, browser_node, sequences_logic, output_name)
+    output, seconds, used, caught = _despeckle_noting_warnings(sequence, settings, device, progress, cancel)
+    return _sequence_run(scene, sequence_node, sequence, output, seconds, used, settings, caught, browser_node,
+                         sequences_logic, output_name)
 
 
 @dataclasses.dataclass
@@ -158,7 +154,7 @@ def finish_despeckle(scene, job: DespeckleJob, sequences_logic=None, output_name
     job.run.check()
     try:
         report = json.loads(job.report.read_text())
-        output = read_volume_or_sequence(job.output)
+        output = us3d.read(job.output)
         args = (report["seconds_per_frame"], report["device"], job.settings, report["warnings"])
         if isinstance(job.data, VolumeSequence):
             return _sequence_run(scene, job.node, job.data, output, *args, job.browser, sequences_logic, output_name)

@@ -20,10 +20,11 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+import us3d
 from us3d.errors import InputError
-from us3d.io import VolumeSequence, read_sequence, write_any
+from us3d.io import VolumeSequence, write_any
 from us3d.registration.fields import read_field
-from us3d.registration.pairs import PairResult, Registrar, RegistrationSettings
+from us3d.registration.pairs import PairResult, RegistrationSettings
 from us3dmrml.background import BackgroundRun, new_folder
 from us3dmrml.nodes import image_from_volume_node, new_sequence_node, new_volume_node, sequence_from_sequence_node
 from us3dmrml.transforms import grid_transform_sequence, new_grid_transform_node
@@ -69,21 +70,22 @@ def register_volume_nodes(scene, fixed_node, moving_node, settings: Registration
     """Warp `moving_node` onto `fixed_node` (in this process): a new warped volume and a new grid
     transform node (placing the moving volume under that transform shows the same warped volume)."""
     fixed, moving = image_from_volume_node(fixed_node), image_from_volume_node(moving_node)
-    return _pair_outputs(scene, fixed_node, moving_node, Registrar(settings).register_pair(fixed, moving, cancel=cancel))
+    return _pair_outputs(scene, fixed_node, moving_node,
+                         us3d.register(fixed, moving, **settings.arguments(), cancel=cancel))
 
 
 def register_sequence_node(scene, fixed_sequence, moving_node, settings: RegistrationSettings = RegistrationSettings(),
                            progress: Callable[[int, int], None] | None = None,
                            cancel: Callable[[], bool] | None = None, browser_node=None,
                            sequences_logic=None) -> RegistrationRun:
-    """Warp `moving_node` onto every frame of `fixed_sequence` (`Registrar.register_sequence`, in this
+    """Warp `moving_node` onto every frame of `fixed_sequence` (`us3d.register_sequence`, in this
     process): a warped sequence and a sequence of grid transforms with the fixed sequence's index
     values (added to `browser_node`)."""
     if fixed_sequence is None or fixed_sequence.GetNumberOfDataNodes() == 0:
         raise InputError("the fixed sequence has no frames")
     frames = sequence_from_sequence_node(fixed_sequence)
-    results = Registrar(settings).register_sequence(frames, image_from_volume_node(moving_node), progress=progress,
-                                                    cancel=cancel)
+    results = us3d.register_sequence(frames, image_from_volume_node(moving_node), **settings.arguments(),
+                                     progress=progress, cancel=cancel)
     return _sequence_outputs(scene, fixed_sequence, moving_node, results, browser_node, sequences_logic)
 
 
@@ -134,7 +136,7 @@ def start_registration(fixed_node, moving_node, settings: RegistrationSettings =
 
 
 def _read_results(job: RegistrationJob) -> list[PairResult]:
-    warped = read_sequence(job.outdir / "warped.seq.nrrd")
+    warped = us3d.read(job.outdir / "warped.seq.nrrd")
     with open(job.outdir / "metrics.csv") as table:
         rows = list(csv.DictReader(table))
     results = []

@@ -1,9 +1,9 @@
 """Register a moving volume to a fixed volume, or to every frame of a 4D sequence, and measure it.
 
 One settings object (`RegistrationSettings`) says how; a `Registrar` holds it with what it has
-loaded (the VoxelMorph model, once) and registers pairs and sequences. The CLI, the demo, the
-benchmarks and the Slicer modules all go through `Registrar.register_sequence` (4D) or
-`Registrar.register_pair` (3D).
+loaded (the VoxelMorph model, once) and registers pairs and sequences. The public functions
+`us3d.register` and `us3d.register_sequence` make one per call (the CLI, the demo and the Slicer
+modules go through them); the benchmarks, which register many pairs, keep one `us3d.Registrar`.
 
 Methods:
 - "voxelmorph": the bundled VoxelMorph network (its FFT translation, then the learned
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -69,6 +69,12 @@ class RegistrationSettings:
     unet_model: str = "unet-obnlm"
     from_previous_frame: bool = False
 
+    def arguments(self) -> dict:
+        """`us3d.register`'s and `us3d.register_sequence`'s keyword arguments for these settings
+        (`from_previous_frame`, a benchmark's variant, is a `Registrar` setting only)."""
+        return {"method": self.method, "preprocessing": self.preprocessing, "refine_steps": self.refine_steps,
+                "device": self.device, "model": self.model, "unet_model": self.unet_model}
+
     def check(self) -> None:
         """InputError for a setting out of range."""
         if self.method not in METHODS:
@@ -89,8 +95,8 @@ class PairResult:
     unless the caller gives another mask.
     """
 
-    field: sitk.Image
-    warped: sitk.Image
+    field: Optional[sitk.Image]  # None in the figures `register_sequence` keeps when given `on_frame`
+    warped: Optional[sitk.Image]
     mse_before: float
     mse_after: float
     smpi: Optional[float]  # SMPI of the pre-processing on the fixed volume (None without)
@@ -204,14 +210,14 @@ class Registrar:
                 return data.with_frames(data.frames.astype(np.float32))
             if name == "gaussian":
                 return data.with_frames(np.stack([_gaussian_blur(f) for f in data.frames]))
-            return despeckle(data, self._despeckle, self.settings.device, cancel=cancel).output
+            return despeckle(data, self._despeckle, self.settings.device, cancel=cancel)
         if name == "none":
             return sitk.Cast(data, sitk.sitkFloat32)
         if name == "gaussian":
             out = sitk.GetImageFromArray(_gaussian_blur(sitk.GetArrayViewFromImage(data)))
             out.CopyInformation(data)
             return out
-        return despeckle(data, self._despeckle, self.settings.device, cancel=cancel).output
+        return despeckle(data, self._despeckle, self.settings.device, cancel=cancel)
 
     # --- the displacement ----------------------------------------------------------------------
 
@@ -298,27 +304,21 @@ class Registrar:
         return result
 
     def register_sequence(self, sequence: VolumeSequence, moving: int | sitk.Image = 0,
-                          truths: list[sitk.Image] | None = None,
+                          truths: Sequence[sitk.Image] | None = None,
                           progress: Callable[[int, int], None] | None = None,
-                          cancel: Callable[[], bool] | None = None) -> list[PairResult]:
+                          cancel: Callable[[], bool] | None = None,
+                          on_frame: Callable[[int, PairResult], None] | None = None) -> list[PairResult]:
         """The paper's protocol: the moving volume (a frame of `sequence`, by default frame 0, the
         exhale frame; or another volume) registered to every frame of `sequence` (a moving frame is
         registered to itself too, which gives a near-zero field).
 
         The sequence and the moving volume are pre-processed once; `truths`: the true field of each
         frame (frame t <- the moving volume), for endpoint errors. `progress(done, total)` after
-        each frame; `cancel()` returning True stops with `Cancelled`. Every frame's field and warped
-        volume are kept: for long sequences, `frame_results` hands them out one at a time instead.
+        each frame; `cancel()` returning True stops with `Cancelled`. `on_frame(t, result)` as soon
+        as a frame is done; with it, the results returned keep only the figures (no field or
+        warped volume), so memory does not grow with the frame count. The inputs are checked
+        before the first frame is registered.
         """
-        return list(self.frame_results(sequence, moving, truths, progress, cancel))
-
-    def frame_results(self, sequence: VolumeSequence, moving: int | sitk.Image = 0,
-                      truths: list[sitk.Image] | None = None,
-                      progress: Callable[[int, int], None] | None = None,
-                      cancel: Callable[[], bool] | None = None) -> Iterator[PairResult]:
-        """`register_sequence` one frame at a time (an iterator): the caller writes each frame's
-        field and warped volume and drops them, so memory does not grow with the frame count. The
-        inputs are checked before the first frame is registered."""
         if len(sequence) == 0:
             raise InputError("the sequence has no frames")
         if isinstance(moving, (int, np.integer)):
@@ -329,11 +329,21 @@ class Registrar:
             moving_image, resampled = on_fixed_grid(sequence.frame_image(0), moving)
         if truths is not None and len(truths) != len(sequence):
             raise InputError(f"{len(truths)} true fields for {len(sequence)} frames")
-        return self._frame_results(sequence, moving, moving_image, resampled, truths, progress, cancel)
+        results = []
+        for t, result in enumerate(self._frame_results(sequence, moving, moving_image, resampled, truths, progress,
+                                                       cancel)):
+            if on_frame is not None:
+                on_frame(t, result)
+                result = dataclasses.replace(result, field=None, warped=None)
+            results.append(result)
+        return results
 
-    def _frame_results(self, sequence, moving, moving_image, resampled, truths, progress, cancel):
+    def _frame_results(self, sequence, moving, moving_image, resampled, truths, progress,
+                       cancel) -> Iterator[PairResult]:
         prepared = self.preprocess(sequence, cancel)
         moving_in = self.preprocess(moving_image, cancel)
+        if progress is not None:
+            progress(0, len(sequence))
         previous = None
         for t in range(len(sequence)):
             if cancel is not None and cancel():
@@ -356,16 +366,3 @@ def _gaussian_blur(volume: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     image = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
     return sitk.GetArrayFromImage(sitk.DiscreteGaussian(image, variance=sigma ** 2, useImageSpacing=False))
 
-
-def register_pair(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings = RegistrationSettings(),
-                  truth: sitk.Image | None = None, cancel: Callable[[], bool] | None = None) -> PairResult:
-    """`Registrar(settings).register_pair(fixed, moving, truth, cancel=cancel)`."""
-    return Registrar(settings).register_pair(fixed, moving, truth, cancel=cancel)
-
-
-def register_sequence(sequence: VolumeSequence, moving: int | sitk.Image = 0,
-                      settings: RegistrationSettings = RegistrationSettings(),
-                      truths: list[sitk.Image] | None = None, progress: Callable[[int, int], None] | None = None,
-                      cancel: Callable[[], bool] | None = None) -> list[PairResult]:
-    """`Registrar(settings).register_sequence(sequence, moving, truths, progress, cancel)`."""
-    return Registrar(settings).register_sequence(sequence, moving, truths, progress, cancel)
