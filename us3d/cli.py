@@ -283,6 +283,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     import us3d
     from us3d.io import atomic_outputs, check_output_path, read_volume, write_volume
+    from us3d.registration.fields import write_field
 
     warped_path = check_output_path(args.warped, args.fixed, args.moving)
     outputs = [warped_path]
@@ -296,7 +297,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     with atomic_outputs(outputs) as temporaries:
         write_volume(result.warped, temporaries[0])
         if args.field:
-            write_volume(result.field, temporaries[1])
+            write_field(result.field, temporaries[1])
     if result.resampled:
         print("note: the moving volume was on another grid (size, spacing, origin or direction); "
               "it was resampled onto the fixed grid first")
@@ -334,6 +335,7 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
 
     import us3d
     from us3d.io import atomic_outputs, read_sequence, write_any
+    from us3d.registration.fields import write_field
 
     outdir = Path(args.outdir)
     _check_new_folder(outdir)
@@ -377,7 +379,7 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
         """Frames stream through: each field is written as soon as it is made, and the caller keeps
         only its figures, so memory does not grow with the frame count."""
         nonlocal warped
-        write_any(result.field, temporaries[1 + t])
+        write_field(result.field, temporaries[1 + t])
         frame = sitk.GetArrayViewFromImage(result.warped)
         if warped is None:
             warped = np.empty((count,) + frame.shape, frame.dtype)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 
 from us3d.io import VolumeSequence, atomic_outputs, is_sequence_path, to_image, write_any
 from us3d.phantom import PhantomSequence
-from us3d.registration.fields import field_image
+from us3d.registration.fields import field_image, write_field
 
 
 def _as_sequence(phantom: PhantomSequence, frames: np.ndarray) -> VolumeSequence:
@@ -36,10 +37,10 @@ def write_phantom(phantom: PhantomSequence, output: str | os.PathLike,
     """Write the B-mode (volume or .seq.nrrd) and, with truth_dir, its ground truth; all or nothing."""
     output = Path(output)
     sequence = is_sequence_path(output)
-    items: list[tuple[Path, object]] = []
+    items: list[tuple[Path, object, Callable]] = []  # (path, data, how it is written)
 
     def add(path: Path, frames: np.ndarray) -> None:
-        items.append((path, _as_sequence(phantom, frames) if sequence else _as_image(phantom, frames[0])))
+        items.append((path, _as_sequence(phantom, frames) if sequence else _as_image(phantom, frames[0]), write_any))
 
     add(output, phantom.bmode)
     if truth_dir is not None:
@@ -49,8 +50,8 @@ def write_phantom(phantom: PhantomSequence, output: str | os.PathLike,
         add(truth / f"labels{suffix}", phantom.labels)
         add(truth / f"envelope{suffix}", phantom.envelope)
         for frame in range(len(phantom.bmode)):
-            items.append((truth / f"displacement_{frame:03d}.mha", displacement_image(phantom, frame)))
-    with atomic_outputs([path for path, _ in items]) as temporaries:
-        for temporary, (_, data) in zip(temporaries, items):
-            write_any(data, temporary)
-    return [path for path, _ in items]
+            items.append((truth / f"displacement_{frame:03d}.mha", displacement_image(phantom, frame), write_field))
+    with atomic_outputs([path for path, _, _ in items]) as temporaries:
+        for temporary, (_, data, write) in zip(temporaries, items):
+            write(data, temporary)
+    return [path for path, _, _ in items]

@@ -59,6 +59,15 @@ def read_field(path: str | os.PathLike) -> sitk.Image:
     return field
 
 
+def write_field(field: sitk.Image, path: str | os.PathLike) -> None:
+    """Write a displacement field (e.g. .mha, which Slicer loads as a transform) in float32: half
+    the size of float64, and 0.1 micrometre steps at 20 mm of motion."""
+    from us3d.io import write_volume
+
+    check_field(field)
+    write_volume(sitk.Cast(field, sitk.sitkVectorFloat32), path)
+
+
 def check_field(field: sitk.Image) -> None:
     if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
         raise InputError("a displacement field must be a 3D image of 3-vectors (mm)")
