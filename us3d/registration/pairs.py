@@ -313,11 +313,11 @@ class Registrar:
         registered to itself too, which gives a near-zero field).
 
         The sequence and the moving volume are pre-processed once; `truths`: the true field of each
-        frame (frame t <- the moving volume), for endpoint errors. `progress(done, total)` after
-        each frame; `cancel()` returning True stops with `Cancelled`. `on_frame(t, result)` as soon
-        as a frame is done; with it, the results returned keep only the figures (no field or
-        warped volume), so memory does not grow with the frame count. The inputs are checked
-        before the first frame is registered.
+        frame (frame t <- the moving volume), for endpoint errors. `progress(0, total)` once the
+        inputs are pre-processed, `progress(done, total)` after each frame; `cancel()` returning
+        True stops with `Cancelled`. `on_frame(t, result)` as soon as a frame is done; with it, the
+        results returned keep only the figures (no field or warped volume), so memory does not grow
+        with the frame count. The inputs are checked before the first frame is registered.
         """
         if len(sequence) == 0:
             raise InputError("the sequence has no frames")
