@@ -514,19 +514,17 @@ def _registration_options(p: argparse.ArgumentParser) -> None:
 
 
 def _registration_settings(args: argparse.Namespace) -> dict:
-    """`us3d.register`'s keyword arguments from the command line, checked before any volume is read."""
-    from us3d.models.bundle import resolve_model
+    """`us3d.register`'s keyword arguments from the command line, checked (unknown models included)
+    before any volume is read."""
     from us3d.registration.pairs import RegistrationSettings
 
     if args.method != "voxelmorph" and args.registration_model:
         raise InputError(f"--registration-model is a VoxelMorph model; it does not apply to --method {args.method}")
-    settings = dict(method=args.method, preprocessing=args.preprocessing, refine_steps=args.refine_steps,
-                    device=args.device, model=args.registration_model, unet_model=args.unet_model)
-    RegistrationSettings(**settings).check()
-    for name in ([args.registration_model or "voxelmorph"] if args.method == "voxelmorph" else []) + (
-            [args.unet_model] if args.preprocessing == "unet" else []):
-        resolve_model(name)  # an unknown model fails before the inputs are read
-    return settings
+    settings = RegistrationSettings(method=args.method, preprocessing=args.preprocessing,
+                                    refine_steps=args.refine_steps, device=args.device,
+                                    model=args.registration_model, unet_model=args.unet_model)
+    settings.check()
+    return settings.arguments()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,13 +76,20 @@ class RegistrationSettings:
                 "device": self.device, "model": self.model, "unet_model": self.unet_model}
 
     def check(self) -> None:
-        """InputError for a setting out of range."""
+        """InputError for a setting out of range or a model (name or file) that does not exist;
+        cheap, so callers can check before reading any volume."""
+        from us3d.models.bundle import resolve_model
+
         if self.method not in METHODS:
             raise InputError(f"registration method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.preprocessing not in PREPROCESSING:
             raise InputError(f"pre-processing must be one of {', '.join(PREPROCESSING)}, not {self.preprocessing!r}")
         if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise InputError(f"refine steps must be a whole number >= 0, not {self.refine_steps!r}")
+        if self.method == "voxelmorph":
+            resolve_model(self.model or "voxelmorph")
+        if self.preprocessing == "unet":
+            resolve_model(self.unet_model)
 
 
 @dataclasses.dataclass
