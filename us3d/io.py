@@ -147,14 +147,14 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
     return image
 
 
+_FLOAT_PIXELS = (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)
+
+
 def write_volume(image: sitk.Image, path: str | os.PathLike) -> None:
     """Write `image` as it is; integer voxels compressed. Float voxels (filter outputs, displacement
     fields) are written uncompressed: zlib shrinks them by a few percent and takes seconds at 4D
     frame sizes (a 256x256x128 displacement field: 2.5 s for 4% less)."""
     sitk.WriteImage(image, str(path), useCompression=image.GetPixelID() not in _FLOAT_PIXELS)
-
-
-_FLOAT_PIXELS = (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)
 
 
 def read_sequence(path: str | os.PathLike) -> VolumeSequence:
