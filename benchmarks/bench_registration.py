@@ -34,15 +34,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-import us3d
-from us3d import __version__
+from us3d import Registrar, RegistrationSettings, __version__
 from us3d.io import VolumeSequence
 from us3d.options import DEFAULT_REFINE_STEPS
 from us3d.phantom import LABELS
 from us3d.registration.fields import field_array, field_image, folding_fraction, source_inside, warp
 from us3d.registration.pairs import PairResult
-
-Registrar, RegistrationSettings = us3d.Registrar, us3d.RegistrationSettings
 from us3d.training.registration import TEST, motion_sequences
 from us3d.views import centre_slices, display_window, side_by_side, to_grey, write_png
 
