@@ -99,6 +99,7 @@ def test_training_loss_terms():
     ramp = torch.arange(8.0).expand(1, 3, 4, 8, 8)  # every component grows 1 voxel per voxel along i (0.4 mm)
     per_component = [(0.8 / 0.4) ** 2, (0.3 / 0.4) ** 2, 1.0]  # (mm/mm)^2 of the k, j, i components
     assert float(smoothness_mm(ramp, spacing)) == pytest.approx(np.mean(per_component) / 3, rel=1e-5)
+    torch.manual_seed(0)  # the initial weights: a fresh network's flow is small, not zero
     model = EveryLevel(VoxelMorph())  # starts at the FFT translation, which is 0 for identical volumes
     fixed = torch.rand(1, 1, 8, 32, 32)
     settings = RegistrationTrainingSettings()
@@ -167,3 +168,34 @@ def test_the_translations_blur_is_a_gaussian_with_zeros_outside():
     expected = F.conv3d(expected, taps.view(1, 1, 1, -1, 1), padding=[0, radius, 0])
     expected = F.conv3d(expected, taps.view(1, 1, 1, 1, -1), padding=[0, 0, radius])
     assert torch.allclose(_blur(volume, sigma), expected, atol=1e-6)
+
+
+def test_the_bundled_network_runs_with_compiled_cost_volumes_on_the_cpu():
+    """On the CPU the registrar rebuilds the bundled TorchScript network as `VoxelMorph` with its
+    weights (cost volumes in a compiled kernel): the same displacement; the caller's RNG is untouched;
+    another module is kept as it is."""
+    from us3d.models.bundle import load_model
+    from us3d.registration.voxelmorph import for_inference
+
+    scripted = load_model("voxelmorph").module
+    state = torch.random.get_rng_state()
+    rebuilt = for_inference(scripted)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert isinstance(rebuilt, VoxelMorph) and not isinstance(rebuilt, torch.jit.ScriptModule)
+    fixed = _tensor(shifted_blobs((16, 48, 64), shift_mm=(0.0, 0.0, 0.0)))
+    moving = _tensor(shifted_blobs((16, 48, 64), shift_mm=(2.0, -1.0, 0.5)))
+    with torch.inference_mode():
+        np.testing.assert_allclose(rebuilt(fixed, moving).numpy(), scripted(fixed, moving).numpy(), atol=1e-4)
+    other = torch.nn.Conv3d(1, 1, 1)
+    assert for_inference(other) is other
+
+
+def test_the_compiled_cost_volume_equals_torch():
+    from us3d.registration.voxelmorph import correlation
+
+    generator = torch.Generator().manual_seed(3)
+    fixed, moving = torch.randn(2, 2, 8, 5, 7, 9, generator=generator)
+    with torch.no_grad():
+        compiled = correlation(fixed, moving, [1, 2, 3])
+    reference = correlation(fixed.requires_grad_(True), moving, [1, 2, 3])  # autograd: the torch loop
+    np.testing.assert_allclose(compiled.numpy(), reference.detach().numpy(), atol=1e-6)

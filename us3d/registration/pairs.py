@@ -203,6 +203,10 @@ class Registrar:
         if self.settings.preprocessing not in trained_on and self.settings.preprocessing != "gaussian":
             warnings.warn(f"{loaded.name} was trained on {', '.join(trained_on)} inputs, "
                           f"not {self.settings.preprocessing}")
+        if self.device.type == "cpu":
+            from us3d.registration.voxelmorph import for_inference
+
+            return for_inference(loaded.module)
         return loaded.module
 
     # --- pre-processing ------------------------------------------------------------------------

@@ -136,31 +136,76 @@ def _warp_by_gathering(volume: torch.Tensor, displacement: torch.Tensor) -> torc
     return torch.lerp(low_k, high_k, fraction_k)
 
 
+def _interpolation_axes(control: list[int], dense: list[int]) -> list:
+    """The compiled kernels' description of `_control_to_dense` from a control grid of size `control`
+    to a dense grid of size `dense`: (low, weight) along k, then j, then i (`separable.linear_weights`)."""
+    axes = []
+    for n_out, n_in in zip(dense, control):
+        low, weight = separable.linear_weights(n_out, n_in)
+        axes += [low.numpy(), weight.float().numpy()]
+    return axes
+
+
 class _LinearisedImageTerm(torch.autograd.Function):
     """sum over voxels of (difference + slopes . change)^2, the image term's first-order expansion
-    about the anchor, for a (b, 3, k, j, i) change of displacement; its gradient is made in the same
-    pass (a compiled kernel for float32 on the CPU: about ten passes over the volume become one)."""
+    about the anchor, for a change of displacement given on the control grid (b, 3, kc, jc, ic) and
+    interpolated onto the dense grid of `difference` (b, 1, k, j, i) and `slopes` (b, 3, k, j, i) as
+    `_control_to_dense` does; its gradient with respect to the control grid is made in the same pass.
+    For float32 on the CPU a compiled kernel interpolates on the fly and never forms the dense
+    change (about ten passes over the volume become one); elsewhere torch's matrix products."""
 
     @staticmethod
     def forward(ctx, change: torch.Tensor, difference: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+        dense, control = list(difference.shape[2:]), list(change.shape[2:])
         if change.device.type == "cpu" and change.dtype == difference.dtype == slopes.dtype == torch.float32:
-            from us3d.registration._refine_cpu import linearised_term
+            from us3d.registration._refine_cpu import gather_planes, linearised_term_on_control
 
+            axes = _interpolation_axes(control, dense)
             gradient = torch.empty_like(change, memory_format=torch.contiguous_format)
+            planes = torch.empty((dense[0], 2, 3, control[1], control[2]), dtype=torch.float32).numpy()
             total = 0.0
             for item in range(change.shape[0]):
-                total += linearised_term(change[item].contiguous().numpy(), difference[item, 0].contiguous().numpy(),
-                                         slopes[item].contiguous().numpy(), gradient[item].numpy())
+                total += linearised_term_on_control(change[item].contiguous().numpy(),
+                                                    difference[item, 0].contiguous().numpy(),
+                                                    slopes[item].contiguous().numpy(), *axes, planes)
+                gather_planes(planes, axes[0], gradient[item].numpy())
             ctx.save_for_backward(gradient)
             return torch.tensor(total, dtype=change.dtype)
-        residual = difference + (slopes * change).sum(1, keepdim=True)
-        ctx.save_for_backward(2 * residual * slopes)
+        to_dense = _linear_maps(control, dense, change)
+        residual = difference + (slopes * separable.apply(change, to_dense)).sum(1, keepdim=True)
+        ctx.save_for_backward(separable.apply(2 * residual * slopes, [m.t() for m in to_dense]))
         return residual.pow(2).sum()
 
     @staticmethod
     def backward(ctx, upstream: torch.Tensor):
         (gradient,) = ctx.saved_tensors
         return upstream * gradient, None, None
+
+
+def _linearise(start: torch.Tensor, control: torch.Tensor, to_dense: list[torch.Tensor],
+               moving_and_gradient: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The image term's expansion about u = start + the control grid on the dense grid:
+    (difference moving(x + u) - fixed (b, 1, k, j, i), slopes: the moving volume's gradient there
+    (b, 3, k, j, i), the number of voxels whose source x + u lies inside the volume); both zero where
+    it lies outside. A compiled kernel for float32 on the CPU (one pass, the dense displacement never
+    formed), torch elsewhere."""
+    tensors = (start, control, moving_and_gradient, fixed)
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        from us3d.registration._refine_cpu import linearise
+
+        axes = _interpolation_axes(list(control.shape[2:]), list(fixed.shape[2:]))
+        difference = torch.empty_like(fixed, memory_format=torch.contiguous_format)
+        slopes = torch.empty_like(start, memory_format=torch.contiguous_format)
+        covered = 0.0
+        for item in range(fixed.shape[0]):
+            covered += linearise(start[item].contiguous().numpy(), control[item].contiguous().numpy(),
+                                 moving_and_gradient[item].contiguous().numpy(), fixed[item, 0].contiguous().numpy(),
+                                 *axes, difference[item, 0].numpy(), slopes[item].numpy())
+        return difference, slopes, torch.tensor(max(covered, 1.0), dtype=fixed.dtype)
+    displacement = start + separable.apply(control, to_dense)
+    expansion = _warp(moving_and_gradient, displacement)
+    inside = _source_inside(displacement)  # 0 or 1
+    return inside * (expansion[:, :1] - fixed), inside * expansion[:, 1:], inside.sum().clamp(min=1.0)
 
 
 def _reduce(volume: torch.Tensor, factor: int) -> torch.Tensor:
@@ -239,7 +284,15 @@ def _determinant(derivatives: list[torch.Tensor]) -> torch.Tensor:
 def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
     """(b, k, j, i) det(I + grad u) for a (b, 3, k, j, i) displacement in voxels, channels (k, j, i);
     <= 0 where the mapping folds. Central differences with the edge values repeated outside, as
-    ITK's DisplacementFieldJacobianDeterminantFilter (`us3d.registration.fields.folding_fraction`)."""
+    ITK's DisplacementFieldJacobianDeterminantFilter (`us3d.registration.fields.folding_fraction`).
+    A compiled kernel for float32 on the CPU (`_refine_cpu.jacobian_determinant`), torch elsewhere."""
+    if displacement.device.type == "cpu" and displacement.dtype == torch.float32:
+        from us3d.registration import _refine_cpu
+
+        out = torch.empty((displacement.shape[0], *displacement.shape[2:]), dtype=torch.float32)
+        for item in range(displacement.shape[0]):
+            _refine_cpu.jacobian_determinant(displacement[item].contiguous().numpy(), out[item].numpy())
+        return out
     derivatives = []
     for axis in range(3):
         pads = [0, 0, 0, 0, 0, 0]
@@ -389,14 +442,9 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
                 if step % settings.linearise_every == 0:  # moving(x + u) and its gradient there
                     with torch.no_grad():
                         anchor = control.detach().clone()
-                        displacement = start + separable.apply(anchor, to_dense)
-                        expansion = _warp(moving_and_gradient, displacement)
-                        inside = _source_inside(displacement)
-                        # the image term's expansion, zero where the source is outside (inside is 0 or 1)
-                        difference = inside * (expansion[:, :1] - level_fixed)
-                        slopes = inside * expansion[:, 1:]
-                        covered = inside.sum().clamp(min=1.0)
-                image = _LinearisedImageTerm.apply(separable.apply(control - anchor, to_dense), difference, slopes) / covered
+                        difference, slopes, covered = _linearise(start, anchor, to_dense, moving_and_gradient,
+                                                                 level_fixed)
+                image = _LinearisedImageTerm.apply(control - anchor, difference, slopes) / covered
             loss = image + settings.regularisation_weight * _penalty(
                 control * to_mm, control_mm, settings.sliding)
             if settings.folding_weight > 0:

@@ -44,17 +44,26 @@ def gaussian_radius(sigma: float) -> int:
     return max(1, int(3 * sigma + 0.5))
 
 
+def linear_weights(n_out: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, weight), each (n_out,): sample n of a grid of n_out samples lies between samples low[n]
+    and low[n] + 1 of a grid of n_in samples spanning the same interval (first and last samples on
+    each other, `align_corners`), with `weight[n]` on the second; float64 weights."""
+    if n_in == 1 or n_out == 1:
+        return torch.zeros(n_out, dtype=torch.long), torch.zeros(n_out, dtype=torch.float64)
+    position = torch.arange(n_out, dtype=torch.float64) * (n_in - 1) / (n_out - 1)
+    low = position.floor().clamp(max=n_in - 2).long()
+    return low, position - low
+
+
 def linear_matrix(n_out: int, n_in: int, like: torch.Tensor) -> torch.Tensor:
     """(n_out, n_in) matrix of linear interpolation between a grid of n_in samples and one of n_out
-    samples spanning the same interval (first and last samples on each other, `align_corners`)."""
+    samples spanning the same interval (`linear_weights`)."""
     matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
-    if n_in == 1 or n_out == 1:
+    low, weight = linear_weights(n_out, n_in)
+    rows = torch.arange(n_out)
+    if n_in == 1:
         matrix[:, 0] = 1.0
     else:
-        position = torch.arange(n_out, dtype=torch.float64) * (n_in - 1) / (n_out - 1)
-        low = position.floor().clamp(max=n_in - 2).long()
-        weight = position - low
-        rows = torch.arange(n_out)
         matrix.index_put_((rows, low), 1 - weight, accumulate=True)
         matrix.index_put_((rows, low + 1), weight, accumulate=True)
     return matrix.to(dtype=like.dtype, device=like.device)

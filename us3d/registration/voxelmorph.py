@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import List
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -164,9 +165,13 @@ def correlation(fixed: torch.Tensor, moving: torch.Tensor, radius: List[int]) ->
     feature vectors fixed(x) and moving(x + o), in [-1, 1]; (b, n_offsets, k, j, i), offsets in
     k-major order, zeros outside. (A plain channel mean of products was about 1e-4 of the
     estimator's other inputs at initialisation, and training hardly used it.)"""
+    fixed, moving = _unit(fixed), _unit(moving)
+    if not torch.jit.is_scripting():
+        if (fixed.device.type == "cpu" and fixed.dtype == moving.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (fixed.requires_grad or moving.requires_grad))):
+            return _correlation_compiled(fixed, moving, radius)
     rk, rj, ri = radius[0], radius[1], radius[2]
     k, j, i = fixed.shape[2], fixed.shape[3], fixed.shape[4]
-    fixed, moving = _unit(fixed), _unit(moving)
     padded = F.pad(moving, [ri, ri, rj, rj, rk, rk])
     out: List[torch.Tensor] = []
     for dk in range(2 * rk + 1):
@@ -176,7 +181,22 @@ def correlation(fixed: torch.Tensor, moving: torch.Tensor, radius: List[int]) ->
     return torch.stack(out, 1)
 
 
-def _offsets(radius: tuple[int, int, int]) -> int:
+@torch.jit.unused
+def _correlation_compiled(fixed: torch.Tensor, moving: torch.Tensor, radius: List[int]) -> torch.Tensor:
+    """`correlation` of unit feature vectors by the compiled CPU kernel (`_correlation_cpu`); the
+    scores come back channels-last, as the convolutions that read them want."""
+    from us3d.registration._correlation_cpu import correlate
+
+    b, k, j, i = fixed.shape[0], fixed.shape[2], fixed.shape[3], fixed.shape[4]
+    out = torch.empty((b, k, j, i, _offsets(radius)), dtype=torch.float32)
+    reach = np.asarray(radius, dtype=np.int64)
+    for item in range(b):
+        correlate(fixed[item].permute(1, 2, 3, 0).contiguous().numpy(),
+                  moving[item].permute(1, 2, 3, 0).contiguous().numpy(), reach, out[item].numpy())
+    return out.permute(0, 4, 1, 2, 3)
+
+
+def _offsets(radius: List[int]) -> int:
     return (2 * radius[0] + 1) * (2 * radius[1] + 1) * (2 * radius[2] + 1)
 
 
@@ -320,7 +340,10 @@ class VoxelMorph(nn.Module):
             inputs = [correlation(f, transform(m, flow), self.radii[level])]
             if max(self.still_radii[level]) > 0:
                 inputs.append(correlation(f, m, self.still_radii[level]))
-            increment = estimator(torch.cat(inputs + [_unit(f), flow / 4.0, logits / 4.0], 1))
+            # one memory layout for every part (the features' and the scores' channels-last), so the
+            # concatenation is the only copy before the estimator's convolutions
+            state = torch.cat([flow / 4.0, logits / 4.0], 1).contiguous(memory_format=torch.channels_last_3d)
+            increment = estimator(torch.cat(inputs + [_unit(f), state], 1))
             logits = logits + increment[:, :3]
             residual = residual + increment[:, 3:]
             if every_level or level == 2:
@@ -331,3 +354,35 @@ class VoxelMorph(nn.Module):
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         return self.levels(fixed, moving, False)[-1]
 
+
+
+def for_inference(module: nn.Module) -> nn.Module:
+    """The network to run for inference on the CPU: a scripted `VoxelMorph` (a bundled model file)
+    rebuilt as this module's class with its weights, so that its cost volumes run in the compiled
+    kernel (`_correlation_cpu`: the network takes about 40% less time); any other module as it is.
+
+    The rebuilt network must give the scripted one's displacement on a small random pair (to 1e-3
+    voxel), or the scripted one is kept: a file saved by another us3d version may carry another forward.
+    """
+    names = ("encoder_widths", "radii", "still_radii", "estimator_widths")
+    if getattr(module, "original_name", None) != "VoxelMorph" or not all(hasattr(module, n) for n in names):
+        return module
+    try:
+        with torch.random.fork_rng(devices=[]):  # the initial weights, overwritten, leave the caller's RNG alone
+            rebuilt = VoxelMorph(tuple(module.encoder_widths), tuple(tuple(r) for r in module.radii),
+                                 tuple(tuple(r) for r in module.still_radii),
+                                 tuple(tuple(e) for e in module.estimator_widths))
+        rebuilt.load_state_dict(module.state_dict())
+    except (RuntimeError, ValueError, TypeError):
+        return module
+    rebuilt = rebuilt.to(next(module.parameters()).device).eval()
+    with torch.no_grad():
+        for parameter in rebuilt.parameters():
+            if parameter.dim() == 5:
+                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last_3d)
+    generator = torch.Generator().manual_seed(0)
+    pair = torch.rand((2, 1, 8, 24, 24), generator=generator)
+    with torch.inference_mode():
+        if (module(pair[:1], pair[1:]) - rebuilt(pair[:1], pair[1:])).abs().max() > 1e-3:
+            return module
+    return rebuilt
