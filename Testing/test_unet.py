@@ -213,3 +213,20 @@ def test_tiles_cover_every_axis_with_little_overlap_work():
             assert starts[0] == 0 and starts[-1] + length == size and length <= max(size, 0)
             assert length <= tile + overlap + multiple - 1 or len(starts) == 1
             assert all(b - a <= length - overlap for a, b in zip(starts, starts[1:])), (size, tile, starts, length)
+
+
+def test_an_in_plane_network_computes_each_slice_from_its_own_slice_and_tiles_without_overlap_in_k():
+    """With 1x3x3 kernels every output slice depends on its input slice alone (what a slice-wise
+    OBNLM target needs), so tiles along k need no overlap: tiled and whole give the same output."""
+    torch.manual_seed(3)
+    model = DenseUNet3D((4, 8, 8, 8, 8), (2, 4, 4, 4, 4), kernel=(1, 3, 3)).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    scripted = torch.jit.script(model)
+    volume = np.random.default_rng(4).gamma(2.0, 30.0, (12, 32, 32)).astype(np.float32)
+    changed = volume.copy()
+    changed[5] = np.random.default_rng(5).permutation(volume[5].ravel()).reshape(volume[5].shape)  # same statistics
+    out, out_changed = (predict(scripted, v[None], CPU)[0] for v in (volume, changed))
+    moved = np.abs(out_changed - out).max(axis=(1, 2))
+    assert moved[5] > 1.0 and np.all(np.delete(moved, 5) < 1e-3)
+    tiled = predict(scripted, volume[None], CPU, tile=(4, 32, 32))[0]
+    np.testing.assert_allclose(tiled, out, atol=1e-3)

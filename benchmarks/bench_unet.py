@@ -37,7 +37,6 @@ from us3d.models.inference import predict
 from us3d.phantom import LABELS, simulate_sequence
 from us3d.phantom.speckle import ImagingSetup
 from us3d.training.data import REAL_VALIDATION, read_real, real_volume, simulate_source
-from us3d.training.despeckle import count_flops
 from us3d.views import centre_slices, display_window, side_by_side, to_grey, write_png
 
 STANDARD_SEEDS = tuple(range(9000, 9008))
@@ -318,9 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     figure = Path(args.output).parent / "unet-real.png"
     real_figure(figure, models, settings, REAL_FIGURE[:1] if args.tiny else REAL_FIGURE)
     times = speed(settings, models, 1 if args.tiny else 3 if args.quick else 9)
-    from us3d.models.unet import DenseUNet3D
-    plain = DenseUNet3D()
-    info = {"parameters": sum(p.numel() for p in plain.parameters()), "gflops": count_flops(plain) / 1e9}
+    info = {"parameters": sum(p.numel() for p in obnlm_model.module.parameters()),
+            "gflops": float(obnlm_model.metadata["gflops_128x128x32"])}
     text = report(fidelity, truth, diagnosis, times, info, args.quick, figure.name)
     Path(args.output).write_text(text)
     print(text)

@@ -67,6 +67,8 @@ def _ramp(length: int, overlap: int, first: bool, last: bool) -> np.ndarray:
     """Blending weights along one axis of a tile: the outer quarter of each overlap, where the
     model sees the tile's edge, is dropped (weight 0); a linear ramp spans the rest."""
     ramp = np.ones(length, np.float32)
+    if overlap == 0:  # tiles that need no overlap (along k for an in-plane network) are simply averaged
+        return ramp
     margin = overlap // 4
     distance = np.arange(overlap, dtype=np.float32)
     rise = np.clip((distance - margin + 1) / (overlap - 2 * margin + 1), 0.0, 1.0)
@@ -91,6 +93,8 @@ def _predict_normalised(module, frames: torch.Tensor, tile: tuple[int, int, int]
     t, *shape = frames.shape
     tile = tuple(min(s, m) for s, m in zip(shape, tile))
     overlap = tuple(min(o, m // 4) for o, m in zip(TILE_OVERLAP, tile))
+    if tuple(getattr(module, "kernel", (3, 3, 3)))[0] == 1:  # in-plane network: each slice on its own,
+        overlap = (0,) + overlap[1:]  # so tiles along k need no overlap
     layouts = [tile_layout(s, m, o, multiple) for s, m, o, multiple in
                zip(shape, tile, overlap, (1, SIZE_MULTIPLE, SIZE_MULTIPLE))]
     tile = tuple(length for length, _ in layouts)

@@ -36,12 +36,13 @@ class DenseBlock(nn.Module):
     every earlier output in the block (dense connections); the block returns that concatenation
     squeezed to `out_channels` by a 1x1x1 convolution."""
 
-    def __init__(self, in_channels: int, growth: int, layers: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, growth: int, layers: int, out_channels: int,
+                 kernel: tuple[int, int, int] = (3, 3, 3)) -> None:
         super().__init__()
         self.convs = nn.ModuleList()
         channels = in_channels
         for _ in range(layers):
-            self.convs.append(Conv3d(channels, growth, 3, padding=1))
+            self.convs.append(Conv3d(channels, growth, kernel, padding=tuple(n // 2 for n in kernel)))
             channels += growth
         self.squeeze = Conv3d(channels, out_channels, 1)
         self.relu = nn.ReLU(inplace=True)
@@ -56,29 +57,36 @@ class DenseBlock(nn.Module):
 class DenseUNet3D(nn.Module):
     """Encoder of 4 levels, a bottom block, decoder of 4 levels; skips between matching levels.
 
-    widths: channels of levels 1-4 and of the bottom block. The output is the input plus a
-    learned correction (global residual), in the normalised intensity scale of the input.
+    widths: channels of levels 1-4 and of the bottom block; growth: channels each convolution of a
+    dense block adds, per level; kernel: the dense blocks' convolution kernel (k, j, i), (3, 3, 3)
+    as in the paper, or (1, 3, 3), in-plane only, for a target computed slice by slice (each output
+    slice then depends on its own input slice only, and a convolution costs a third). The output is
+    the input plus a learned correction (global residual), in the normalised intensity scale of the input.
     """
 
     def __init__(self, widths: tuple[int, ...] = (8, 16, 32, 48, 64), growth: tuple[int, ...] = (4, 8, 16, 24, 32),
-                 layers: int = 2) -> None:
+                 layers: int = 2, kernel: tuple[int, int, int] = (3, 3, 3)) -> None:
         super().__init__()
         if len(widths) != 5 or len(growth) != 5:
             raise ValueError("widths and growth need 5 entries: levels 1-4 and the bottom block")
+        if len(kernel) != 3 or any(n % 2 == 0 for n in kernel):
+            raise ValueError("kernel needs 3 odd sizes (k, j, i)")
         self.widths = tuple(widths)
+        self.growth = tuple(growth)
+        self.kernel = tuple(kernel)
         self.encoders = nn.ModuleList()
         channels = 1
         for level in range(4):
-            self.encoders.append(DenseBlock(channels, growth[level], layers, widths[level]))
+            self.encoders.append(DenseBlock(channels, growth[level], layers, widths[level], kernel))
             channels = widths[level]
         self.pool = nn.MaxPool3d((1, 2, 2))
-        self.bottom = DenseBlock(widths[3], growth[4], layers, widths[4])
+        self.bottom = DenseBlock(widths[3], growth[4], layers, widths[4], kernel)
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
         channels = widths[4]
         for level in reversed(range(4)):
             self.ups.append(nn.ConvTranspose3d(channels, widths[level], (1, 2, 2), stride=(1, 2, 2)))
-            self.decoders.append(DenseBlock(2 * widths[level], growth[level], layers, widths[level]))
+            self.decoders.append(DenseBlock(2 * widths[level], growth[level], layers, widths[level], kernel))
             channels = widths[level]
         self.head = Conv3d(widths[0], 1, 1)
         nn.init.zeros_(self.head.weight)
