@@ -1,12 +1,9 @@
-"""Compiled CPU kernels of the refinement (numba, parallel over slices): the trilinear warp, the
-image term's linearisation about the current displacement, the linearised term with its gradient on
-the control grid, and the Jacobian determinant.
-
-`us3d.registration.refine._warp` calls the warp for float32 volumes on the CPU and gathers with torch
-elsewhere (CUDA); both give what `us3d.registration.voxelmorph.transform` (grid_sample) gives. On a
-256x256x128 frame with its three gradient channels the torch version streams every channel through
-memory about fifteen times (eight gathers and seven interpolations) and takes about 1.3 s; this
-kernel reads each cell's corners once.
+"""Compiled CPU kernels of the refinement (numba, parallel over slices): the image term's
+linearisation about the current displacement (the trilinear warp of the moving volume and its
+gradient, the inside mask), the linearised term with its gradient on the control grid, and the
+Jacobian determinant. `us3d.registration.refine` calls them for float32 tensors on the CPU and does
+the same in torch operations elsewhere (CUDA); the tests compare both. Each reads the volumes once per
+call where the torch composition streams them through memory about ten times.
 """
 
 from __future__ import annotations
@@ -23,26 +20,6 @@ def _cell(position: float, n: int) -> tuple[int, int, float]:
     position = min(max(position, 0.0), n - 1.0)
     low = min(int(np.floor(position)), max(n - 2, 0))
     return low, min(low + 1, n - 1), position - low
-
-
-@njit(parallel=True, **FAST)
-def warp_trilinear(volume: np.ndarray, displacement: np.ndarray, out: np.ndarray) -> None:
-    """out[c, k, j, i] = volume[c] at (k, j, i) + displacement[:, k, j, i], trilinear, edge values
-    outside; volume and out (c, k, j, i), displacement (3, k, j, i) in voxels, channels (k, j, i)."""
-    channels, size_k, size_j, size_i = volume.shape
-    for k in prange(size_k):
-        for j in range(size_j):
-            for i in range(size_i):
-                k0, k1, fk = _cell(k + displacement[0, k, j, i], size_k)
-                j0, j1, fj = _cell(j + displacement[1, k, j, i], size_j)
-                i0, i1, fi = _cell(i + displacement[2, k, j, i], size_i)
-                for c in range(channels):
-                    v = volume[c]
-                    low = ((v[k0, j0, i0] * (1 - fi) + v[k0, j0, i1] * fi) * (1 - fj)
-                           + (v[k0, j1, i0] * (1 - fi) + v[k0, j1, i1] * fi) * fj)
-                    high = ((v[k1, j0, i0] * (1 - fi) + v[k1, j0, i1] * fi) * (1 - fj)
-                            + (v[k1, j1, i0] * (1 - fi) + v[k1, j1, i1] * fi) * fj)
-                    out[c, k, j, i] = low * (1 - fk) + high * fk
 
 
 @njit(inline="always")
@@ -70,7 +47,7 @@ def linearise(start: np.ndarray, control: np.ndarray, volume: np.ndarray, fixed:
     """The image term's first-order expansion about the displacement u = start + the control grid
     interpolated onto the dense grid (as `linearised_term_on_control` does), in one pass: where
     x + u(x) lies inside the volume, difference = moving(x + u) - fixed and slopes = the moving
-    volume's gradient there (trilinear, as `warp_trilinear`), zero elsewhere.
+    volume's gradient there (trilinear, edge values outside, as `refine._warp`), zero elsewhere.
 
     start (3, k, j, i), control (3, kc, jc, ic), volume (4, k, j, i): the moving volume and its
     gradient along k, j, i; fixed (k, j, i); out: difference (k, j, i), slopes (3, k, j, i). Returns

@@ -90,22 +90,8 @@ def _with_gradient(volume: torch.Tensor) -> torch.Tensor:
 def _warp(volume: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
     """volume(x + u(x)) for a (b, c, k, j, i) volume and a (b, 3, k, j, i) displacement in voxels:
     trilinear, edge values outside, what `us3d.registration.voxelmorph.transform` gives, without
-    gradients. Float32 on the CPU goes to a compiled kernel (`us3d.registration._refine_cpu`) that
-    reads each cell's corners once for all channels; elsewhere torch gathers them
-    (`_warp_by_gathering`). Both beat grid_sample with several channels."""
-    if volume.device.type == "cpu" and volume.dtype == displacement.dtype == torch.float32:
-        from us3d.registration._refine_cpu import warp_trilinear
-
-        out = torch.empty_like(volume, memory_format=torch.contiguous_format)
-        for item in range(volume.shape[0]):
-            warp_trilinear(volume[item].contiguous().numpy(), displacement[item].contiguous().numpy(),
-                           out[item].numpy())
-        return out
-    return _warp_by_gathering(volume, displacement)
-
-
-def _warp_by_gathering(volume: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-    """`_warp` in torch operations (any device)."""
+    gradients, by gathering each cell's corners (faster than grid_sample with several channels). On
+    the CPU in float32 the refinement does not call it: `_linearise`'s compiled kernel warps there."""
     b, c, size_k, size_j, size_i = volume.shape
     sizes, strides = [size_k, size_j, size_i], [size_j * size_i, size_i, 1]
     fractions, steps = [], []
