@@ -250,14 +250,14 @@ def test_the_linearised_image_term_and_its_gradient(dtype):
     """One pass makes the expansion's sum of squares for a change on the control grid, and its gradient
     there (a compiled kernel for float32 on the CPU, torch otherwise); both equal autograd through the
     plain expression, with the change interpolated onto the dense grid by `_control_to_dense`."""
-    from us3d.registration.refine import _LinearisedImageTerm, _control_to_dense
+    from us3d.registration.refine import _LinearisedImageTerm, _control_to_dense, _linear_maps
 
     generator = torch.Generator().manual_seed(6)
     dense = [5, 9, 7]
     change = torch.randn(2, 3, 2, 4, 3, generator=generator, dtype=dtype).requires_grad_(True)
     difference = torch.randn(2, 1, *dense, generator=generator, dtype=dtype)
     slopes = torch.randn(2, 3, *dense, generator=generator, dtype=dtype)
-    found = _LinearisedImageTerm.apply(change, difference, slopes)
+    found = _LinearisedImageTerm.apply(change, difference, slopes, _linear_maps([2, 4, 3], dense, change))
     (gradient,) = torch.autograd.grad(3 * found, change)
     plain = change.detach().clone().requires_grad_(True)
     expected = (difference + (slopes * _control_to_dense(plain, dense)).sum(1, keepdim=True)).pow(2).sum()

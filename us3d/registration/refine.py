@@ -135,13 +135,14 @@ def _interpolation_axes(control: list[int], dense: list[int]) -> list:
 class _LinearisedImageTerm(torch.autograd.Function):
     """sum over voxels of (difference + slopes . change)^2, the image term's first-order expansion
     about the anchor, for a change of displacement given on the control grid (b, 3, kc, jc, ic) and
-    interpolated onto the dense grid of `difference` (b, 1, k, j, i) and `slopes` (b, 3, k, j, i) as
-    `_control_to_dense` does; its gradient with respect to the control grid is made in the same pass.
+    interpolated onto the dense grid of `difference` (b, 1, k, j, i) and `slopes` (b, 3, k, j, i) by
+    `to_dense` (`_linear_maps`, as `_control_to_dense` does); its gradient with respect to the control grid is made in the same pass.
     For float32 on the CPU a compiled kernel interpolates on the fly and never forms the dense
     change (about ten passes over the volume become one); elsewhere torch's matrix products."""
 
     @staticmethod
-    def forward(ctx, change: torch.Tensor, difference: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, change: torch.Tensor, difference: torch.Tensor, slopes: torch.Tensor,
+                to_dense: list[torch.Tensor]) -> torch.Tensor:
         dense, control = list(difference.shape[2:]), list(change.shape[2:])
         if change.device.type == "cpu" and change.dtype == difference.dtype == slopes.dtype == torch.float32:
             from us3d.registration._refine_cpu import gather_planes, linearised_term_on_control
@@ -157,7 +158,6 @@ class _LinearisedImageTerm(torch.autograd.Function):
                 gather_planes(planes, axes[0], gradient[item].numpy())
             ctx.save_for_backward(gradient)
             return torch.tensor(total, dtype=change.dtype)
-        to_dense = _linear_maps(control, dense, change)
         residual = difference + (slopes * separable.apply(change, to_dense)).sum(1, keepdim=True)
         ctx.save_for_backward(separable.apply(2 * residual * slopes, [m.t() for m in to_dense]))
         return residual.pow(2).sum()
@@ -165,7 +165,7 @@ class _LinearisedImageTerm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, upstream: torch.Tensor):
         (gradient,) = ctx.saved_tensors
-        return upstream * gradient, None, None
+        return upstream * gradient, None, None, None
 
 
 def _linearise(start: torch.Tensor, control: torch.Tensor, to_dense: list[torch.Tensor],
@@ -430,7 +430,7 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
                         anchor = control.detach().clone()
                         difference, slopes, covered = _linearise(start, anchor, to_dense, moving_and_gradient,
                                                                  level_fixed)
-                image = _LinearisedImageTerm.apply(control - anchor, difference, slopes) / covered
+                image = _LinearisedImageTerm.apply(control - anchor, difference, slopes, to_dense) / covered
             loss = image + settings.regularisation_weight * _penalty(
                 control * to_mm, control_mm, settings.sliding)
             if settings.folding_weight > 0:

@@ -355,7 +355,6 @@ class VoxelMorph(nn.Module):
         return self.levels(fixed, moving, False)[-1]
 
 
-
 def for_inference(module: nn.Module) -> nn.Module:
     """The network to run for inference on the CPU: a scripted `VoxelMorph` (a bundled model file)
     rebuilt as this module's class with its weights, so that its cost volumes run in the compiled

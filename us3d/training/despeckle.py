@@ -45,12 +45,8 @@ def architecture(target: str, obnlm: ObnlmSettings) -> dict:
     channel), and spends what that saves on wider levels; the clean target and OBNLM's 3D mode keep
     the paper's 3x3x3 kernels and widths."""
     if target == "obnlm" and obnlm.mode == "slicewise":
-        return {"widths": IN_PLANE_WIDTHS, "growth": IN_PLANE_GROWTH, "kernel": (1, 3, 3)}
+        return {"widths": (12, 24, 48, 64, 96), "growth": (6, 12, 24, 32, 48), "kernel": (1, 3, 3)}
     return {"widths": (8, 16, 32, 48, 64), "growth": (4, 8, 16, 24, 32), "kernel": (3, 3, 3)}
-
-
-IN_PLANE_WIDTHS = (12, 24, 48, 64, 96)
-IN_PLANE_GROWTH = (6, 12, 24, 32, 48)
 
 
 @dataclasses.dataclass
