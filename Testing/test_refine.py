@@ -245,6 +245,22 @@ def test_separable_maps_equal_torch_interpolation_and_a_replicate_padded_blur():
     assert torch.allclose(_gaussian(volume, sigma), blurred, atol=1e-5)
 
 
+@pytest.mark.parametrize("replicate", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 6, 11, 9), (1, 1, 1, 4, 30)])
+def test_the_compiled_gaussian_equals_the_matrix_products(shape, replicate):
+    """separable.gaussian's compiled taps (float32, CPU) give the dense matrix products (float64), edge
+    values or zeros outside, on axes shorter than the kernel and of one sample too."""
+    from us3d.registration.separable import apply, gaussian, gaussian_matrix
+
+    volume = torch.randn(*shape, generator=torch.Generator().manual_seed(11))
+    for sigma in (0.5, 2.0):
+        found = gaussian(volume, sigma, replicate)
+        as64 = volume.double()
+        expected = apply(as64, [gaussian_matrix(n, sigma, as64, replicate) for n in shape[2:]])
+        assert found.dtype == torch.float32 and found.shape == volume.shape
+        np.testing.assert_allclose(found.numpy(), expected.numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_linearised_image_term_and_its_gradient(dtype):
     """One pass makes the expansion's sum of squares for a change on the control grid, and its gradient
@@ -292,3 +308,29 @@ def test_the_compiled_jacobian_determinant_equals_torch():
     displacement = torch.randn(2, 3, 4, 7, 5, generator=torch.Generator().manual_seed(9))
     np.testing.assert_allclose(jacobian_determinant(displacement).numpy(),
                                jacobian_determinant(displacement.double()).numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sliding", [True, False])
+def test_the_compiled_control_terms_equal_torch(sliding):
+    """The compiled penalty and folding terms (float32, CPU) and their gradient equal autograd through
+    torch's `_penalty` and `_folding` (float64), on a grid that folds in places, batch of two included."""
+    from us3d.registration.refine import _control_terms, _folding
+
+    generator = torch.Generator().manual_seed(10)
+    grid = [3, 5, 4]
+    settings = RefinementSettings(sliding=sliding, regularisation_weight=0.3, folding_weight=50.0)
+    control = torch.randn(2, 3, *grid, generator=generator)
+    start = 0.8 * torch.randn(2, 3, *grid, generator=generator)
+    to_mm = torch.tensor([0.8, 0.3, 0.4]).view(1, 3, 1, 1, 1)
+    to_control = torch.tensor([0.5, 0.25, 0.2]).view(1, 3, 1, 1, 1)
+    control_mm = [2.0, 1.5, 1.2]
+    found_control = control.clone().requires_grad_(True)
+    found = _control_terms(found_control, start, to_mm, control_mm, to_control, settings)
+    (found_gradient,) = torch.autograd.grad(2 * found, found_control)
+    plain = control.double().requires_grad_(True)
+    expected = _control_terms(plain, start.double(), to_mm.double(), control_mm, to_control.double(), settings)
+    (expected_gradient,) = torch.autograd.grad(2 * expected, plain)
+    assert float(_folding(start.double() + control.double() * to_control.double())) > 0  # some cells fold
+    assert found.dtype == torch.float32
+    np.testing.assert_allclose(float(found.detach()), float(expected.detach()), rtol=1e-5)
+    np.testing.assert_allclose(found_gradient.numpy(), expected_gradient.numpy(), rtol=1e-4, atol=1e-5)

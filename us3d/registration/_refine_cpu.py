@@ -176,3 +176,75 @@ def jacobian_determinant(displacement: np.ndarray, out: np.ndarray) -> None:
                 out[k, j, i] = (g[0, 0] * (g[1, 1] * g[2, 2] - g[1, 2] * g[2, 1])
                                 - g[0, 1] * (g[1, 0] * g[2, 2] - g[1, 2] * g[2, 0])
                                 + g[0, 2] * (g[1, 0] * g[2, 1] - g[1, 1] * g[2, 0]))
+
+
+@njit(**FAST)
+def control_terms(control: np.ndarray, start: np.ndarray, to_mm: np.ndarray, control_mm: np.ndarray,
+                  to_control: np.ndarray, regularisation_weight: float, sliding: bool, folding_weight: float,
+                  gradient: np.ndarray) -> float:
+    """The refinement's terms on the control grid and their gradient, in one pass (what
+    `refine._penalty` and `refine._folding` compute with torch, about sixty small operations and
+    their backward):
+
+        regularisation_weight * sum over axes a of mean(sqrt(|D_a(control * to_mm)|^2 / control_mm[a]^2 + 1e-4))
+        + folding_weight * mean(max(0, 0.1 - det(I + D(start + control * to_control)))^2)
+
+    (with `sliding` False the squared gradient replaces the square root). D_a: forward differences
+    along axis a; the determinant over the cells of the grid, forward differences from each cell's
+    first corner. control, start (3, kc, jc, ic); to_mm, to_control (3,) per channel; control_mm (3,)
+    per axis; gradient (3, kc, jc, ic): out, the gradient with respect to control. Returns the value."""
+    sizes = control.shape[1:]
+    gradient[:] = 0.0
+    total = 0.0
+    for axis in range(3):
+        if sizes[axis] < 2:
+            continue
+        step_k, step_j, step_i = int(axis == 0), int(axis == 1), int(axis == 2)
+        count = (sizes[0] - step_k) * (sizes[1] - step_j) * (sizes[2] - step_i)
+        scale = regularisation_weight / count
+        for k in range(sizes[0] - step_k):
+            for j in range(sizes[1] - step_j):
+                for i in range(sizes[2] - step_i):
+                    d0 = (control[0, k + step_k, j + step_j, i + step_i] - control[0, k, j, i]) * to_mm[0] / control_mm[axis]
+                    d1 = (control[1, k + step_k, j + step_j, i + step_i] - control[1, k, j, i]) * to_mm[1] / control_mm[axis]
+                    d2 = (control[2, k + step_k, j + step_j, i + step_i] - control[2, k, j, i]) * to_mm[2] / control_mm[axis]
+                    squared = d0 * d0 + d1 * d1 + d2 * d2
+                    if sliding:
+                        root = np.sqrt(squared + 1e-4)
+                        total += scale * root
+                        factor = scale / root
+                    else:
+                        total += scale * squared
+                        factor = 2 * scale
+                    for c in range(3):
+                        d = d0 if c == 0 else d1 if c == 1 else d2
+                        g = factor * d * to_mm[c] / control_mm[axis]
+                        gradient[c, k + step_k, j + step_j, i + step_i] += g
+                        gradient[c, k, j, i] -= g
+    if folding_weight > 0 and min(sizes[0], sizes[1], sizes[2]) >= 2:
+        scale = folding_weight / ((sizes[0] - 1) * (sizes[1] - 1) * (sizes[2] - 1))
+        m = np.empty((3, 3))  # m[c, a] = delta_ca + d u_c / d x_a
+        for k in range(sizes[0] - 1):
+            for j in range(sizes[1] - 1):
+                for i in range(sizes[2] - 1):
+                    for c in range(3):
+                        u = start[c, k, j, i] + control[c, k, j, i] * to_control[c]
+                        m[c, 0] = start[c, k + 1, j, i] + control[c, k + 1, j, i] * to_control[c] - u
+                        m[c, 1] = start[c, k, j + 1, i] + control[c, k, j + 1, i] * to_control[c] - u
+                        m[c, 2] = start[c, k, j, i + 1] + control[c, k, j, i + 1] * to_control[c] - u
+                        m[c, c] += 1.0
+                    det = (m[0, 0] * (m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1])
+                           - m[0, 1] * (m[1, 0] * m[2, 2] - m[1, 2] * m[2, 0])
+                           + m[0, 2] * (m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0]))
+                    if det >= 0.1:
+                        continue
+                    total += scale * (0.1 - det) ** 2
+                    factor = -2 * scale * (0.1 - det)
+                    for c in range(3):
+                        c1, c2 = (c + 1) % 3, (c + 2) % 3
+                        for a in range(3):  # d det / d m[c, a]: the cofactor
+                            a1, a2 = (a + 1) % 3, (a + 2) % 3
+                            g = factor * (m[c1, a1] * m[c2, a2] - m[c1, a2] * m[c2, a1]) * to_control[c]
+                            gradient[c, k + int(a == 0), j + int(a == 1), i + int(a == 2)] += g
+                            gradient[c, k, j, i] -= g
+    return total

@@ -77,7 +77,7 @@ def _gaussian(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (b, c, k, j, i) along every axis, edge values outside."""
     if sigma <= 0:
         return volume
-    return separable.apply(volume, [separable.gaussian_matrix(n, sigma, volume, True) for n in volume.shape[2:]])
+    return separable.gaussian(volume, sigma, True)
 
 
 def _with_gradient(volume: torch.Tensor) -> torch.Tensor:
@@ -136,18 +136,19 @@ class _LinearisedImageTerm(torch.autograd.Function):
     """sum over voxels of (difference + slopes . change)^2, the image term's first-order expansion
     about the anchor, for a change of displacement given on the control grid (b, 3, kc, jc, ic) and
     interpolated onto the dense grid of `difference` (b, 1, k, j, i) and `slopes` (b, 3, k, j, i) by
-    `to_dense` (`_linear_maps`, as `_control_to_dense` does); its gradient with respect to the control grid is made in the same pass.
-    For float32 on the CPU a compiled kernel interpolates on the fly and never forms the dense
-    change (about ten passes over the volume become one); elsewhere torch's matrix products."""
+    `to_dense` (`_linear_maps`, as `_control_to_dense` does); its gradient with respect to the control
+    grid is made in the same pass. For float32 on the CPU a compiled kernel interpolates on the fly
+    (with `axes`, `_interpolation_axes`, made here when not given) and never forms the dense change
+    (about ten passes over the volume become one); elsewhere torch's matrix products."""
 
     @staticmethod
     def forward(ctx, change: torch.Tensor, difference: torch.Tensor, slopes: torch.Tensor,
-                to_dense: list[torch.Tensor]) -> torch.Tensor:
+                to_dense: list[torch.Tensor], axes: list | None = None) -> torch.Tensor:
         dense, control = list(difference.shape[2:]), list(change.shape[2:])
         if change.device.type == "cpu" and change.dtype == difference.dtype == slopes.dtype == torch.float32:
             from us3d.registration._refine_cpu import gather_planes, linearised_term_on_control
 
-            axes = _interpolation_axes(control, dense)
+            axes = _interpolation_axes(control, dense) if axes is None else axes
             gradient = torch.empty_like(change, memory_format=torch.contiguous_format)
             planes = torch.empty((dense[0], 2, 3, control[1], control[2]), dtype=torch.float32).numpy()
             total = 0.0
@@ -165,21 +166,22 @@ class _LinearisedImageTerm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, upstream: torch.Tensor):
         (gradient,) = ctx.saved_tensors
-        return upstream * gradient, None, None, None
+        return upstream * gradient, None, None, None, None
 
 
 def _linearise(start: torch.Tensor, control: torch.Tensor, to_dense: list[torch.Tensor],
-               moving_and_gradient: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               moving_and_gradient: torch.Tensor, fixed: torch.Tensor,
+               axes: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The image term's expansion about u = start + the control grid on the dense grid:
     (difference moving(x + u) - fixed (b, 1, k, j, i), slopes: the moving volume's gradient there
     (b, 3, k, j, i), the number of voxels whose source x + u lies inside the volume); both zero where
     it lies outside. A compiled kernel for float32 on the CPU (one pass, the dense displacement never
-    formed), torch elsewhere."""
+    formed; `axes` as for `_LinearisedImageTerm`), torch elsewhere."""
     tensors = (start, control, moving_and_gradient, fixed)
     if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         from us3d.registration._refine_cpu import linearise
 
-        axes = _interpolation_axes(list(control.shape[2:]), list(fixed.shape[2:]))
+        axes = _interpolation_axes(list(control.shape[2:]), list(fixed.shape[2:])) if axes is None else axes
         difference = torch.empty_like(fixed, memory_format=torch.contiguous_format)
         slopes = torch.empty_like(start, memory_format=torch.contiguous_format)
         covered = 0.0
@@ -235,6 +237,46 @@ def _penalty(control: torch.Tensor, spacing_mm: torch.Tensor, sliding: bool) -> 
         squared = gradient.pow(2).sum(1)
         total = total + (torch.sqrt(squared + 1e-4).mean() if sliding else squared.mean())
     return total
+
+
+class _CompiledControlTerms(torch.autograd.Function):
+    """`_control_terms` for one float32 control grid on the CPU: value and gradient in one compiled pass."""
+
+    @staticmethod
+    def forward(ctx, control: torch.Tensor, start_on_control: torch.Tensor, to_mm: torch.Tensor,
+                control_mm: list[float], to_control: torch.Tensor, settings: RefinementSettings) -> torch.Tensor:
+        from us3d.registration._refine_cpu import control_terms
+
+        gradient = torch.empty_like(control, memory_format=torch.contiguous_format)
+        scales = [t.flatten().double().numpy() for t in (to_mm, torch.tensor(control_mm), to_control)]
+        total = 0.0
+        batch = control.shape[0]
+        for item in range(batch):
+            total += control_terms(control[item].detach().contiguous().numpy(),
+                                   start_on_control[item].contiguous().numpy(), *scales,
+                                   settings.regularisation_weight / batch, settings.sliding,
+                                   settings.folding_weight / batch, gradient[item].numpy())
+        ctx.save_for_backward(gradient)
+        return torch.tensor(total, dtype=control.dtype)
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        return upstream * gradient, None, None, None, None, None
+
+
+def _control_terms(control: torch.Tensor, start_on_control: torch.Tensor, to_mm: torch.Tensor,
+                   control_mm: list[float], to_control: torch.Tensor, settings: RefinementSettings) -> torch.Tensor:
+    """The terms of the loss on the control grid (b, 3, kc, jc, ic), points `control_mm` (k, j, i) apart:
+    regularisation_weight * R(control * to_mm) + folding_weight * folding(start_on_control + control *
+    to_control), to_mm and to_control (1, 3, 1, 1, 1) per channel. A compiled kernel for float32 on the
+    CPU (`_refine_cpu.control_terms`), torch elsewhere."""
+    if control.device.type == "cpu" and control.dtype == start_on_control.dtype == torch.float32:
+        return _CompiledControlTerms.apply(control, start_on_control, to_mm, control_mm, to_control, settings)
+    loss = settings.regularisation_weight * _penalty(control * to_mm, control_mm, settings.sliding)
+    if settings.folding_weight > 0:
+        loss = loss + settings.folding_weight * _folding(start_on_control + control * to_control)
+    return loss
 
 
 def _source_inside(displacement: torch.Tensor) -> torch.Tensor:
@@ -412,8 +454,9 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
                                   dtype=control.dtype, device=control.device).view(1, 3, 1, 1, 1)
         with torch.no_grad():
             start_on_control = _control_to_dense(start, control_size) * to_control
-        optimiser = torch.optim.Adam([control], lr=settings.learning_rate)
+        optimiser = torch.optim.Adam([control], lr=settings.learning_rate, fused=True)  # one kernel per step
         to_dense = _linear_maps(control_size, size, control)
+        axes = _interpolation_axes(control_size, size)  # the same, for the compiled kernels
         moving_and_gradient = _with_gradient(level_moving) if settings.linearise_every > 1 else level_moving
         anchor = difference = slopes = torch.zeros(0)
         covered = torch.ones(())
@@ -429,12 +472,9 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
                     with torch.no_grad():
                         anchor = control.detach().clone()
                         difference, slopes, covered = _linearise(start, anchor, to_dense, moving_and_gradient,
-                                                                 level_fixed)
-                image = _LinearisedImageTerm.apply(control - anchor, difference, slopes, to_dense) / covered
-            loss = image + settings.regularisation_weight * _penalty(
-                control * to_mm, control_mm, settings.sliding)
-            if settings.folding_weight > 0:
-                loss = loss + settings.folding_weight * _folding(start_on_control + control * to_control)
+                                                                 level_fixed, axes)
+                image = _LinearisedImageTerm.apply(control - anchor, difference, slopes, to_dense, axes) / covered
+            loss = image + _control_terms(control, start_on_control, to_mm, control_mm, to_control, settings)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

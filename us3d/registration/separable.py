@@ -22,6 +22,32 @@ def apply(volume: torch.Tensor, matrices: List[torch.Tensor]) -> torch.Tensor:
     return out.reshape(b, c, matrices[0].shape[0], j, i)
 
 
+def gaussian(volume: torch.Tensor, sigma: float, replicate: bool) -> torch.Tensor:
+    """(b, c, k, j, i) blurred by a Gaussian of `sigma` samples along k, j and i (`gaussian_matrix`'s
+    kernel; outside each axis the edge values, `replicate`, or zeros). On the CPU in float32 a compiled
+    kernel applies the taps directly (`_separable_cpu`), elsewhere (and in TorchScript) the matrix products."""
+    if not torch.jit.is_scripting():
+        if volume.device.type == "cpu" and volume.dtype == torch.float32 and not volume.requires_grad:
+            return _gaussian_compiled(volume, sigma, replicate)
+    return apply(volume, [gaussian_matrix(volume.shape[2], sigma, volume, replicate),
+                          gaussian_matrix(volume.shape[3], sigma, volume, replicate),
+                          gaussian_matrix(volume.shape[4], sigma, volume, replicate)])
+
+
+@torch.jit.unused
+def _gaussian_compiled(volume: torch.Tensor, sigma: float, replicate: bool) -> torch.Tensor:
+    from us3d.registration._separable_cpu import blur
+
+    radius = gaussian_radius(sigma)
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
+    taps = (taps / taps.sum()).float()
+    b, c, k, j, i = volume.shape
+    flat = volume.reshape(b * c, k, j, i).contiguous()
+    out = torch.empty_like(flat)
+    blur(flat.numpy(), taps.numpy(), replicate, out.numpy())
+    return out.view(b, c, k, j, i)
+
+
 def gaussian_matrix(n: int, sigma: float, like: torch.Tensor, replicate: bool) -> torch.Tensor:
     """(n, n) matrix of a Gaussian blur of `sigma` samples along an axis of n, taps within
     `gaussian_radius(sigma)`, normalised to sum 1; outside the axis the edge values (`replicate`) or

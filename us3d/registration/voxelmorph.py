@@ -124,11 +124,9 @@ def coarse_translation(fixed: torch.Tensor, moving: torch.Tensor, factor: int = 
 
 
 def _blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (b, c, k, j, i) along every axis, zeros outside (matrix products: a
+    """Separable Gaussian blur of (b, c, k, j, i) along every axis, zeros outside (`separable.gaussian`: a
     single-channel conv3d takes torch's slow reference path on the CPU)."""
-    return separable.apply(volume, [separable.gaussian_matrix(volume.shape[2], sigma, volume, False),
-                                    separable.gaussian_matrix(volume.shape[3], sigma, volume, False),
-                                    separable.gaussian_matrix(volume.shape[4], sigma, volume, False)])
+    return separable.gaussian(volume, sigma, False)
 
 
 def translation(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
