@@ -12,6 +12,16 @@ from numba import njit, prange
 FAST = dict(cache=True, error_model="numpy", fastmath={"contract"})
 
 
+@njit(inline="always")
+def _source(position: int, tap: int, radius: int, n: int, replicate: bool) -> int:
+    """The sample that tap `tap` of a kernel of `radius` centred on `position` reads along an axis of n:
+    clamped to the edge (`replicate`), or -1 outside (zeros there)."""
+    source = position + tap - radius
+    if 0 <= source < n:
+        return source
+    return min(max(source, 0), n - 1) if replicate else -1
+
+
 @njit(parallel=True, **FAST)
 def blur(volume: np.ndarray, taps: np.ndarray, replicate: bool, out: np.ndarray) -> None:
     """out (n, k, j, i) = volume (n, k, j, i) convolved with `taps` (2 r + 1, centred) along k, j and i;
@@ -26,20 +36,17 @@ def blur(volume: np.ndarray, taps: np.ndarray, replicate: bool, out: np.ndarray)
             for i in range(size_i):
                 total = np.float32(0.0)
                 for t in range(taps.shape[0]):
-                    source = i + t - radius
-                    if 0 <= source < size_i:
+                    source = _source(i, t, radius, size_i, replicate)
+                    if source >= 0:
                         total += taps[t] * volume[n, k, j, source]
-                    elif replicate:
-                        total += taps[t] * volume[n, k, j, min(max(source, 0), size_i - 1)]
                 along_i[n, k, j, i] = total
         for j in range(size_j):
             for i in range(size_i):
                 along_j[n, k, j, i] = 0.0
             for t in range(taps.shape[0]):
-                source = j + t - radius
-                if not (0 <= source < size_j or replicate):
+                source = _source(j, t, radius, size_j, replicate)
+                if source < 0:
                     continue
-                source = min(max(source, 0), size_j - 1)
                 for i in range(size_i):
                     along_j[n, k, j, i] += taps[t] * along_i[n, k, source, i]
     for plane in prange(count * size_k):
@@ -48,10 +55,9 @@ def blur(volume: np.ndarray, taps: np.ndarray, replicate: bool, out: np.ndarray)
             for i in range(size_i):
                 out[n, k, j, i] = 0.0
         for t in range(taps.shape[0]):
-            source = k + t - radius
-            if not (0 <= source < size_k or replicate):
+            source = _source(k, t, radius, size_k, replicate)
+            if source < 0:
                 continue
-            source = min(max(source, 0), size_k - 1)
             for j in range(size_j):
                 for i in range(size_i):
                     out[n, k, j, i] += taps[t] * along_j[n, source, j, i]
