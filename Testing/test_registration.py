@@ -7,8 +7,8 @@ import SimpleITK as sitk
 from us3d.errors import InputError
 from us3d.registration.demons import register_demons
 from us3d.registration.synthetic import shifted_blobs
-from us3d.registration.fields import (endpoint_error, field_array, field_image, folding_fraction,
-                                      jacobian_determinant, warp)
+from us3d.registration.fields import (displacement_to_field, endpoint_error, field_array, field_image,
+                                      folding_fraction, jacobian_determinant, warp, warp_voxels)
 
 
 def blobs(shape=(16, 48, 56), spacing=(0.4, 0.3, 0.8), shift_mm=(0.0, 0.0, 0.0)) -> sitk.Image:
@@ -35,6 +35,23 @@ def test_warp_uses_the_moving_geometry():
     warped = sitk.GetArrayFromImage(warp(moving, identity))
     expected = sitk.GetArrayFromImage(blobs(shift_mm=(2.0, 0.0, 0.0)))
     np.testing.assert_allclose(warped[:, :, 8:], expected[:, :, 8:], atol=2.0)
+
+
+@pytest.mark.parametrize("extrapolate", [False, True])
+def test_compiled_warp_by_voxels_equals_itk(extrapolate):
+    # a rotated, offset grid and displacements of several voxels, many of them out of the volume
+    rng = np.random.default_rng(3)
+    moving = sitk.GetImageFromArray(rng.random((9, 13, 11)).astype(np.float32))
+    moving.SetSpacing((0.3, 0.2, 0.7))
+    moving.SetOrigin((1.0, 2.0, 3.0))
+    moving.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
+    displacement = (rng.standard_normal((3, 9, 13, 11)) * 3).astype(np.float32)
+    expected = warp(moving, displacement_to_field(displacement, moving), extrapolate=extrapolate)
+    got = warp_voxels(moving, displacement, extrapolate)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected), atol=1e-6)
+    assert got.GetOrigin() == moving.GetOrigin() and got.GetDirection() == moving.GetDirection()
+    with pytest.raises(InputError):
+        warp_voxels(moving, displacement[:, :-1])
 
 
 def test_folding_and_endpoint_error():

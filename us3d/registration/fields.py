@@ -89,6 +89,23 @@ def warp(moving: sitk.Image, field: sitk.Image, interpolator: int = sitk.sitkLin
     return sitk.Resample(moving, field, transform, interpolator, default_value, sitk.sitkFloat32, extrapolate)
 
 
+def warp_voxels(moving: sitk.Image, displacement: np.ndarray, extrapolate: bool = False) -> sitk.Image:
+    """What `warp(moving, displacement_to_field(displacement, moving), extrapolate=extrapolate)` gives
+    (linear, default value 0), for a (3, k, j, i) displacement in voxels, channels (k, j, i), on
+    `moving`'s own grid, without the field in mm: a compiled kernel, several times faster on large
+    volumes."""
+    from us3d.registration import _fields_cpu
+
+    if displacement.shape != (3,) + sitk.GetArrayViewFromImage(moving).shape:
+        raise InputError("the displacement is not on the moving volume's grid")
+    volume = sitk.GetArrayFromImage(moving).astype(np.float32, copy=False)
+    out = np.empty_like(volume)
+    _fields_cpu.warp(volume, np.ascontiguousarray(displacement, dtype=np.float32), extrapolate, out)
+    image = sitk.GetImageFromArray(out)
+    image.CopyInformation(moving)
+    return image
+
+
 def jacobian_determinant(field: sitk.Image) -> np.ndarray:
     """det(I + grad d) per voxel, (k, j, i); <= 0 where the mapping folds."""
     check_field(field)

@@ -35,7 +35,7 @@ from us3d.devices import resolve_device
 from us3d.errors import Cancelled, InputError
 from us3d.io import VolumeSequence
 from us3d.registration.fields import (displacement_to_field, endpoint_error, folding_fraction, same_grid,
-                                      source_inside, warp)
+                                      source_inside, warp, warp_voxels)
 
 from us3d.options import DEFAULT_REFINE_STEPS
 from us3d.options import REGISTRATION_METHODS as METHODS
@@ -113,17 +113,20 @@ class PairResult:
     resampled: bool = False  # the moving volume was on another grid and was resampled
 
 
-def intensity_mse(fixed: sitk.Image, moving: sitk.Image, field: sitk.Image) -> tuple[float, float]:
+def intensity_mse(fixed: sitk.Image, moving: sitk.Image, field: sitk.Image,
+                  displacement: np.ndarray | None = None) -> tuple[float, float]:
     """The paper's MSE before and after registration, on intensities scaled to [0, 1] by the fixed
-    volume's range; `moving` on the fixed grid, warped by `field` for "after". Where the field points
-    outside the moving volume, the nearest edge value stands in, as the unwarped moving volume has
-    data everywhere "before" is measured (zeros there make large motion look worse after registration)."""
+    volume's range; `moving` on the fixed grid, warped by `field` for "after" (or by `displacement`,
+    the same field in voxels (3, k, j, i), which is faster). Where the field points outside the
+    moving volume, the nearest edge value stands in, as the unwarped moving volume has data
+    everywhere "before" is measured (zeros there make large motion look worse after registration)."""
     fixed_array = sitk.GetArrayViewFromImage(fixed).astype(np.float64)
     low, high = float(fixed_array.min()), float(fixed_array.max())
     before = _scaled_mse(fixed_array, sitk.GetArrayViewFromImage(moving).astype(np.float64), low, high)
+    warped = warp(moving, field, extrapolate=True) if displacement is None else \
+        warp_voxels(moving, displacement, extrapolate=True)
     # GetArrayFromImage, not a view: a view of a temporary image would outlive its buffer.
-    warped = sitk.GetArrayFromImage(warp(moving, field, extrapolate=True)).astype(np.float64)
-    return before, _scaled_mse(fixed_array, warped, low, high)
+    return before, _scaled_mse(fixed_array, sitk.GetArrayFromImage(warped).astype(np.float64), low, high)
 
 
 def _scaled_mse(a: np.ndarray, b: np.ndarray, low: float, high: float) -> float:
@@ -289,17 +292,27 @@ class Registrar:
     # --- pairs and sequences -------------------------------------------------------------------
 
     def _measure(self, fixed: sitk.Image, fixed_in: sitk.Image, moving: sitk.Image, moving_in: sitk.Image,
-                 field: sitk.Image, seconds: float, truth: sitk.Image | None,
+                 field: sitk.Image, displacement: torch.Tensor | None, seconds: float, truth: sitk.Image | None,
                  truth_mask: np.ndarray | None) -> PairResult:
+        """The pair's figures; `displacement`: `field` in voxels (None for demons), which warps and
+        gives the folding in compiled kernels (the same values as ITK's, several times faster)."""
         smpi = None
         if self.settings.preprocessing != "none":
             smpi = metrics.smpi(sitk.GetArrayViewFromImage(fixed).astype(np.float64),
                                 sitk.GetArrayViewFromImage(fixed_in).astype(np.float64))
-        before, after = intensity_mse(fixed_in, moving_in, field)
+        voxels = None if displacement is None else displacement[0].float().cpu().numpy()
+        before, after = intensity_mse(fixed_in, moving_in, field, voxels)
         if truth is not None and truth_mask is None:
             truth_mask = source_inside(truth, moving)
         epe = endpoint_error(field, truth, truth_mask) if truth is not None else None
-        return PairResult(field, warp(moving, field), before, after, smpi, folding_fraction(field), seconds, epe)
+        if voxels is None:
+            warped, folding = warp(moving, field), folding_fraction(field)
+        else:
+            from us3d.registration.refine import jacobian_determinant
+
+            warped = warp_voxels(moving, voxels)
+            folding = float((jacobian_determinant(torch.from_numpy(voxels)[None]) <= 0).float().mean())
+        return PairResult(field, warped, before, after, smpi, folding, seconds, epe)
 
     def register_pair(self, fixed: sitk.Image, moving: sitk.Image, truth: sitk.Image | None = None,
                       truth_mask: np.ndarray | None = None, cancel: Callable[[], bool] | None = None) -> PairResult:
@@ -308,9 +321,9 @@ class Registrar:
         moving, resampled = on_fixed_grid(fixed, moving)
         fixed_in, moving_in = self.preprocess(fixed, cancel), self.preprocess(moving, cancel)
         start = time.perf_counter()
-        field, _ = self.field(fixed_in, moving_in, cancel=cancel)
-        result = self._measure(fixed, fixed_in, moving, moving_in, field, time.perf_counter() - start, truth,
-                               truth_mask)
+        field, displacement = self.field(fixed_in, moving_in, cancel=cancel)
+        result = self._measure(fixed, fixed_in, moving, moving_in, field, displacement, time.perf_counter() - start,
+                               truth, truth_mask)
         result.resampled = resampled
         return result
 
@@ -364,8 +377,8 @@ class Registrar:
             field, displacement = self.field(fixed_in, moving_in, previous, cancel)
             if self.settings.from_previous_frame and not (isinstance(moving, (int, np.integer)) and t == moving):
                 previous = displacement  # None for demons
-            result = self._measure(fixed, fixed_in, moving_image, moving_in, field, time.perf_counter() - start,
-                                   None if truths is None else truths[t], None)
+            result = self._measure(fixed, fixed_in, moving_image, moving_in, field, displacement,
+                                   time.perf_counter() - start, None if truths is None else truths[t], None)
             result.resampled = resampled
             if progress is not None:
                 progress(t + 1, len(sequence))
