@@ -14,7 +14,7 @@ from us3d.io import VolumeSequence
 from us3d.models import bundle
 from us3d.models.bundle import load_model, save_model
 from us3d.models.inference import predict, run_with_fallback
-from us3d.models.unet import DenseUNet3D
+from us3d.models.unet import DenseUNet3D, for_inference
 
 CPU = torch.device("cpu")
 
@@ -90,6 +90,34 @@ def test_predict_runs_in_the_precision_of_the_module():
     np.testing.assert_allclose(half, full, atol=0.02 * float(np.ptp(full)))
 
 
+def test_the_rebuilt_network_gives_the_scripted_ones_output(model_file):
+    """On the CPU the model file's network runs rebuilt as DenseUNet3D (its convolutions in oneDNN)."""
+    scripted = load_model(str(model_file)).module
+    rebuilt = for_inference(scripted, bfloat16=False)
+    assert type(rebuilt) is DenseUNet3D and next(rebuilt.parameters()).dtype == torch.float32
+    volume = np.random.default_rng(7).gamma(2.0, 30.0, (1, 6, 48, 32)).astype(np.float32)
+    np.testing.assert_allclose(predict(rebuilt, volume, CPU), predict(scripted, volume, CPU), atol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script
+        other = torch.jit.script(LocalConv())
+    assert for_inference(other) is other
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 convolutions here")
+def test_bfloat16_inference_stays_within_45_db_of_float32():
+    """Issue 15's bar for running the U-Net in bfloat16 on the CPU, on a simulated B-mode volume."""
+    from us3d import metrics
+    from us3d.phantom import ImagingSetup, simulate_volume
+
+    loaded = load_model("unet-obnlm")
+    volume = simulate_volume(3, ImagingSetup(shape=(8, 64, 64))).bmode.astype(np.float32)
+    full = predict(for_inference(loaded.module, bfloat16=False), volume, CPU, mapping=loaded.input_mapping)
+    half_module = for_inference(loaded.module, bfloat16=True)
+    assert next(half_module.parameters()).dtype == torch.bfloat16
+    half = predict(half_module, volume, CPU, mapping=loaded.input_mapping)
+    assert metrics.psnr(half[0], full[0]) >= 45.0
+
+
 def test_tiled_u_net_is_close_to_whole_volume(model_file):
     module = load_model(str(model_file)).module
     volume = np.random.default_rng(4).gamma(2.0, 30.0, (1, 8, 96, 96)).astype(np.float32)
@@ -106,7 +134,7 @@ def test_sequence_frames_match_single_volume_runs(model_file, tmp_path):
     result = despeckle(sequence, UnetSettings(str(model_file)), "cpu", progress=lambda d, t: seen.append((d, t)))
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
     assert result.index_values == ["0", "0.5", "1"] and result.origin == (1.0, 2.0, 3.0)
-    module = load_model(str(model_file)).module
+    module = for_inference(load_model(str(model_file)).module)  # what despeckle runs on the CPU
     np.testing.assert_allclose(result.frames[1], predict(module, frames[1:2], CPU)[0], atol=1e-4)
     calls = iter([False, False, True])
     with pytest.raises(Cancelled):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from us3d.errors import InputError
+from us3d.models.unet import channels_last
 from us3d import resources
 from us3d.resources import RESOURCES
 
@@ -121,10 +122,7 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu") -> LoadedM
         raise InputError(f"the weights in {path} do not match the sha256 recorded in its metadata")
     module = module.to(device).eval()
     if torch.device(device).type == "cpu":  # the CPU convolutions run channels-last (see unet.Conv3d)
-        with torch.no_grad():
-            for parameter in module.parameters():
-                if parameter.dim() == 5:
-                    parameter.data = parameter.data.contiguous(memory_format=torch.channels_last_3d)
+        channels_last(module)
     return LoadedModel(module, metadata, path, name)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from us3d.models.unet import Conv3d
+from us3d.models.unet import Conv3d, channels_last
 from us3d.registration import separable
 
 #: The network pads k to a multiple of 4 and (j, i) to multiples of 8 (its strides).
@@ -372,11 +372,7 @@ def for_inference(module: nn.Module) -> nn.Module:
         rebuilt.load_state_dict(module.state_dict())
     except (RuntimeError, ValueError, TypeError):
         return module
-    rebuilt = rebuilt.to(next(module.parameters()).device).eval()
-    with torch.no_grad():
-        for parameter in rebuilt.parameters():
-            if parameter.dim() == 5:
-                parameter.data = parameter.data.contiguous(memory_format=torch.channels_last_3d)
+    rebuilt = channels_last(rebuilt.to(next(module.parameters()).device).eval())
     generator = torch.Generator().manual_seed(0)
     pair = torch.rand((2, 1, 8, 24, 24), generator=generator)
     with torch.inference_mode():
