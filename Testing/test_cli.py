@@ -117,6 +117,22 @@ def test_help_on_every_command(capsys):
         assert done.value.code == 0 and f"usage: us3d {command}" in capsys.readouterr().out
 
 
+def test_every_command_first_lets_malloc_reuse_freed_memory(monkeypatch, capsys):
+    """Large frames' tensors come from malloc's heap instead of fresh page-faulting mappings."""
+    import platform
+
+    from us3d import cli
+    from us3d.allocator import reuse_freed_memory
+
+    libc, version = platform.libc_ver()
+    applied = reuse_freed_memory()
+    assert isinstance(applied, bool) and (applied or libc != "glibc" or tuple(map(int, version.split("."))) < (2, 36))
+    calls = []
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: calls.append(True))
+    assert main(["models"]) == 0 and calls == [True]
+    capsys.readouterr()
+
+
 def test_demo_writes_report_views_and_volumes(tmp_path):
     assert main(["demo", str(tmp_path / "demo"), "--frames", "2"]) == 0
     report = (tmp_path / "demo" / "report.md").read_text()

@@ -36,6 +36,7 @@ from us3d import __version__
 from us3d.filters import obnlm
 from us3d.models.bundle import load_model
 from us3d.models.inference import predict
+from us3d.models.unet import for_inference, native_bfloat16
 from us3d.phantom import simulate_sequence
 from us3d.phantom.speckle import ImagingSetup
 from us3d.registration.refine import RefinementSettings, refine
@@ -75,11 +76,19 @@ def _psnr(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """bfloat16 convolutions have a fast kernel here (on CPUs without AVX-512 bf16 torch falls back to
-    a reference kernel about 100x slower than float32)."""
+    """bfloat16 convolutions have a fast kernel here (on CPUs without native bfloat16, AVX-512 BF16 or
+    AMX, they are emulated or fall back to a reference kernel, slower than float32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return native_bfloat16()
+
+
+def unet_module(model, device: torch.device, precision: str) -> torch.nn.Module:
+    """The U-Net as us3d runs it on `device` in `precision`: on the CPU rebuilt with oneDNN convolutions
+    (`unet.for_inference`, what `us3d.despeckle` runs), on CUDA the model file's module, cast."""
+    if device.type == "cpu":
+        return for_inference(model.module, bfloat16=precision == "bfloat16")
+    return model.module if precision == "float32" else load_model("unet-obnlm", device).module.to(torch.bfloat16)
 
 
 def unet_rows(device: torch.device, small: np.ndarray, large: np.ndarray, repeats: int) -> list[str]:
@@ -90,8 +99,7 @@ def unet_rows(device: torch.device, small: np.ndarray, large: np.ndarray, repeat
     precisions = ["float32"] + (["bfloat16"] if bf16_supported(device) else [])
     reference = {}
     for precision in precisions:
-        # the module in this precision (predict feeds frames in its parameters' precision)
-        module = model.module if precision == "float32" else load_model("unet-obnlm", device).module.to(torch.bfloat16)
+        module = unet_module(model, device, precision)  # predict feeds frames in its parameters' precision
         for batch in batches:
             def run(frames=small, batch=batch, module=module):
                 return predict(module, frames, device, batch_frames=batch, mapping=mapping)
@@ -118,8 +126,7 @@ def unet_rows(device: torch.device, small: np.ndarray, large: np.ndarray, repeat
         torch.backends.cudnn.benchmark = True
         try:
             for precision in precisions:
-                module = model.module if precision == "float32" else load_model(
-                    "unet-obnlm", device).module.to(torch.bfloat16)
+                module = unet_module(model, device, precision)
                 for batch in (8, 16):
                     def run(batch=batch, module=module):
                         return predict(module, frames16, device, batch_frames=batch, mapping=mapping)

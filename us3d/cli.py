@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from us3d import __version__
+from us3d.allocator import reuse_freed_memory
 from us3d.errors import InputError
 
 EXIT_USAGE = 2
@@ -692,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    reuse_freed_memory()  # large frames: no page faults for every fresh tensor (see its docstring)
     try:
         return args.func(args)
     except InputError as error:
