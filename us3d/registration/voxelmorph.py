@@ -99,12 +99,10 @@ def coarse_translation(fixed: torch.Tensor, moving: torch.Tensor, factor: int = 
     dims = [2, 3, 4]
     # the transforms of the three fixed-side and three moving-side terms, then six pairwise products:
     # (mask, mask), (f, mask), (mask, m), (f, m), (f^2, mask), (mask, m^2)
-    left = torch.fft.rfftn(torch.cat([mf, f, f * f], 1), s=size, dim=dims)
+    left = torch.conj(torch.fft.rfftn(torch.cat([mf, f, f * f], 1), s=size, dim=dims))
     right = torch.fft.rfftn(torch.cat([mm, m, m * m], 1), s=size, dim=dims)
-    pairs_left = torch.tensor([0, 1, 0, 1, 2, 0], device=fixed.device)
-    pairs_right = torch.tensor([0, 0, 1, 1, 0, 2], device=fixed.device)
-    sums = torch.fft.irfftn(torch.conj(left.index_select(1, pairs_left)) * right.index_select(1, pairs_right),
-                            s=size, dim=dims)
+    products = [left[:, a] * right[:, b] for a, b in ((0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (0, 2))]
+    sums = torch.fft.irfftn(torch.stack(products, 1), s=size, dim=dims)
     count, sum_f, sum_m = sums[:, 0], sums[:, 1], sums[:, 2]
     sum_fm, sum_ff, sum_mm = sums[:, 3], sums[:, 4], sums[:, 5]
     overlap = count.clamp(min=1.0)
