@@ -136,16 +136,19 @@ def for_inference(module: nn.Module, bfloat16: bool | None = None) -> nn.Module:
     (benchmarks/bench_device.py reports both). The rebuilt network must give the scripted one's
     output on a small random volume (to 1e-4), or the scripted one is kept.
     """
-    names = ("widths", "growth", "kernel")
-    if getattr(module, "original_name", None) != "DenseUNet3D" or not all(hasattr(module, n) for n in names):
+    if getattr(module, "original_name", None) != "DenseUNet3D":
         return module
     state = module.state_dict()
-    layers = sum(1 for key in state if key.startswith("encoders.0.convs.") and key.endswith(".weight"))
-    try:
+    blocks = [f"encoders.{level}" for level in range(4)] + ["bottom"]
+    try:  # the architecture from the weights' shapes (older files carry no widths or kernel attributes)
+        widths = tuple(state[f"{block}.squeeze.weight"].shape[0] for block in blocks)
+        growth = tuple(state[f"{block}.convs.0.weight"].shape[0] for block in blocks)
+        kernel = tuple(state["encoders.0.convs.0.weight"].shape[2:])
+        layers = sum(1 for key in state if key.startswith("encoders.0.convs.") and key.endswith(".weight"))
         with torch.random.fork_rng(devices=[]):  # the initial weights, overwritten, leave the caller's RNG alone
-            rebuilt = DenseUNet3D(tuple(module.widths), tuple(module.growth), layers, tuple(module.kernel))
+            rebuilt = DenseUNet3D(widths, growth, layers, kernel)
         rebuilt.load_state_dict(state)
-    except (RuntimeError, ValueError, TypeError):
+    except (KeyError, RuntimeError, ValueError, TypeError):
         return module
     rebuilt = channels_last(rebuilt.to(next(module.parameters()).device).eval())
     generator = torch.Generator().manual_seed(0)

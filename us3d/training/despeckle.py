@@ -274,6 +274,10 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
         f"({training['processes']} process(es), {data.get('threads') or 'default'} thread(s)), "
         f"torch {training['torch']}. No GPU was used unless the device says cuda.",
         f"- **Weights sha256**: `{metadata['weights_sha256']}`",
+        "- **Inference**: on the CPU the network runs rebuilt with oneDNN convolutions (`us3d.models.unet.for_inference`), "
+        "in bfloat16 where the CPU has it natively (AVX-512 BF16 or AMX): about half the time, at >= 45 dB PSNR against "
+        "float32 (`Testing/test_unet.py`; unet-obnlm: 69 dB in `benchmarks/RESULTS-device-cpu.md`). The validation "
+        "below is in float32.",
         "",
         "## Held-out validation (never trained on)",
         "",
