@@ -54,10 +54,12 @@ _UNET = {}
 def unet(volume, spacing):
     from us3d.models.bundle import load_model
     from us3d.models.inference import predict
+    from us3d.models.unet import for_inference
 
-    if "module" not in _UNET:  # loaded once per process, like a Slicer session
-        _UNET["module"] = load_model("unet-obnlm", "cpu").module
-    return predict(_UNET["module"], volume[None], torch.device("cpu"))[0]
+    if "module" not in _UNET:  # loaded once per process, like a Slicer session; run as us3d.despeckle runs it
+        loaded = load_model("unet-obnlm", "cpu")
+        _UNET["module"], _UNET["mapping"] = for_inference(loaded.module), loaded.input_mapping
+    return predict(_UNET["module"], volume[None], torch.device("cpu"), mapping=_UNET["mapping"])[0]
 
 
 def skimage_nl_means(volume, spacing):
