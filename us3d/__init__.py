@@ -59,12 +59,16 @@ def read(path: str | os.PathLike) -> "sitk.Image | VolumeSequence":
 
 def write(data: "sitk.Image | VolumeSequence", path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write an image (any volume format) or a sequence (.seq.nrrd) atomically: a failed write leaves
-    nothing behind. An existing file is refused unless `overwrite` is True.
+    nothing behind. An existing file is refused unless `overwrite` is True. A displacement field (a
+    float64 3-vector image, as `register` returns) is written in float32, as the CLI writes it.
     """
     from pathlib import Path
 
+    import SimpleITK as sitk
+
     from us3d.errors import InputError
     from us3d.io import VolumeSequence, atomic_outputs, is_sequence_path, write_any
+    from us3d.registration.fields import write_field
 
     path = Path(path)
     if path.exists() and not overwrite:
@@ -74,7 +78,11 @@ def write(data: "sitk.Image | VolumeSequence", path: str | os.PathLike, *, overw
     if not path.parent.is_dir():
         raise InputError(f"folder {path.parent} does not exist")
     with atomic_outputs([path]) as (temporary,):
-        write_any(data, temporary)
+        if isinstance(data, sitk.Image) and data.GetPixelID() == sitk.sitkVectorFloat64 \
+                and data.GetNumberOfComponentsPerPixel() == 3:
+            write_field(data, temporary)
+        else:
+            write_any(data, temporary)
 
 
 def despeckle(volume: "np.ndarray | sitk.Image | VolumeSequence", method: str = "obnlm", *, device: str = "auto",
