@@ -115,11 +115,11 @@ def test_read_write_simulate_and_metrics(tmp_path):
     assert us3d.read(tmp_path / "frame.nrrd").GetSize() == (128, 128, 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frame.nrrd", "liver.seq.nrrd"]  # no temporaries left
     # a displacement field goes out in float32, as the CLI writes it
-    from us3d.registration.fields import field_array, field_image
+    from us3d.registration.fields import field_array, field_image, read_field
 
     field = field_image(phantom.displacement[1], sequence.frame_image(1))
     us3d.write(field, tmp_path / "field.mha")
-    back = us3d.read(tmp_path / "field.mha")
+    back = read_field(tmp_path / "field.mha")
     assert back.GetPixelID() == sitk.sitkVectorFloat32 and back.GetOrigin() == field.GetOrigin()
     np.testing.assert_allclose(field_array(back), phantom.displacement[1], atol=1e-5)
     smooth = us3d.despeckle(phantom.bmode[0].astype(np.float32))
