@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Where the registration's error lies on large motion",
         "",
-        f"`python benchmarks/diagnose_registration.py{' --quick' if args.quick else ''}`, us3d {__version__}, {datetime.date.today().isoformat()}, "
+        f"`python benchmarks/diagnose_registration.py{' --quick' if args.quick else ''}`, us3d {__version__}, "
+        f"{datetime.date.today().isoformat()}, "
         f"{args.threads} CPU threads. The default registration (network + refinement) on the frames with >= "
         f"{BIG_MOTION_MM:.0f} mm of true motion of the benchmark's held-out sequences (frame 0 to each frame, as in "
         "RESULTS-registration.md). EPE in mm over the voxels whose true source lies inside the moving volume, "

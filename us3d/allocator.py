@@ -12,10 +12,9 @@ def reuse_freed_memory(limit: int = 1 << 30) -> bool:
 
     By default every block over 32 MiB (any large tensor) is a fresh mapping, handed back to the
     system when it is freed, so each tensor of a large frame costs page faults that the kernel
-    zero-fills. On a 2-core machine that was up to half the time of a 256x256x128 frame: the U-Net
-    in bfloat16 took 2.1 s instead of 4.1 s, registration 2.4 s instead of 3.5 s
-    (benchmarks/bench_4d.py runs the CLI, which calls this). The process then keeps up to `limit`
-    bytes of freed memory.
+    zero-fills; on a 2-core machine that was much of a 256x256x128 frame's time (the README's 4D
+    figures: benchmarks/bench_4d.py runs the CLI, which calls this, and benchmarks/bench_device.py
+    runs in-process without it). The process then keeps up to `limit` bytes of freed memory.
 
     Process-wide: the `us3d` CLI, and so Slicer's background runs, call it first; a batch script
     calls it once for the same effect. Returns False, changing nothing, where the C library is not glibc.
