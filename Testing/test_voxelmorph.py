@@ -112,6 +112,23 @@ def test_training_loss_terms():
     assert float(moved["endpoint"].detach()) == pytest.approx((2.0 ** 2 + 0.01) ** 0.5, abs=0.01)
 
 
+def test_training_batches_are_the_same_whatever_the_number_of_prefetch_threads():
+    from us3d.training.registration import MotionSequence, RegistrationTrainingSettings, batch_stream
+
+    rng = np.random.default_rng(1)
+    sequences = [MotionSequence(f"s{n}", rng.integers(0, 255, (3, 4, 8, 8)).astype(np.uint8),
+                                rng.normal(size=(3, 4, 8, 8, 3)).astype(np.float16), np.zeros((3, 4, 8, 8), np.uint8),
+                                (0.3, 0.3, 0.8)) for n in range(2)]
+    settings = RegistrationTrainingSettings(steps=7, batch_size=2, seed=3)
+    one = list(batch_stream([sequences], settings, workers=1))
+    three = list(batch_stream([sequences], settings, workers=3))
+    assert len(one) == len(three) == 7
+    for a, b in zip(one, three):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert not all(torch.equal(one[0][0], batch[0]) for batch in one[1:])  # each step draws its own pairs
+
+
 def test_translation_finds_known_shifts_up_to_40_percent_of_the_field_of_view():
     from us3d.registration.voxelmorph import translation
 

@@ -23,11 +23,13 @@ eq. 5), plus `smoothness_weight` x the squared displacement gradient (mm per mm)
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -203,6 +205,23 @@ def _batch(groups: list[list[MotionSequence]], settings: RegistrationTrainingSet
             torch.from_numpy(np.stack([p[3] for p in pairs])).view(-1, 3, 1, 1, 1))
 
 
+def batch_stream(groups: list[list[MotionSequence]], settings: RegistrationTrainingSettings, rank: int = 0,
+                 workers: int = 2) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The `settings.steps` training batches (`_batch`), made `workers` steps ahead in threads (numpy
+    and torch release the GIL on whole volumes) so a GPU need not wait for them. Batch n is drawn from
+    its own generator, seeded by (seed, rank, n): the same batches whatever the number of workers."""
+    def make(step: int) -> tuple[torch.Tensor, ...]:
+        return _batch(groups, settings, np.random.default_rng([settings.seed, rank, step]))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        ahead = collections.deque(pool.submit(make, step) for step in range(1, min(settings.steps, 2 * workers) + 1))
+        for step in range(1, settings.steps + 1):
+            batch = ahead.popleft().result()
+            if step + len(ahead) < settings.steps:
+                ahead.append(pool.submit(make, step + len(ahead) + 1))
+            yield batch
+
+
 def source_inside_voxels(displacement: torch.Tensor) -> torch.Tensor:
     """(b, 1, k, j, i) bool: the voxels x whose x + u(x) falls inside the volume (u in voxels)."""
     shape = displacement.shape[2:]
@@ -267,7 +286,6 @@ def train_registration(groups: list[list[MotionSequence]], settings: Registratio
         raise ValueError("every training sequence needs at least 2 frames")
     distributed, rank, device = ddp.start(device)
     torch.manual_seed(settings.seed)
-    rng = np.random.default_rng([settings.seed, rank])
     model = VoxelMorph().to(device)
     trained = EveryLevel(model)
     if distributed:
@@ -276,8 +294,9 @@ def train_registration(groups: list[list[MotionSequence]], settings: Registratio
     schedule = ddp.cosine_schedule(optimiser, settings.steps)
     start, running = time.perf_counter(), []
     names = ("loss", "endpoint", "mse", "smoothness")
-    for step in range(1, settings.steps + 1):
-        fixed, moving, truth, spacing = (x.to(device) for x in _batch(groups, settings, rng))
+    workers = max(1, min(4, (os.cpu_count() or 2) // 2))
+    for step, batch in enumerate(batch_stream(groups, settings, rank, workers), start=1):
+        fixed, moving, truth, spacing = (x.to(device, non_blocking=True) for x in batch)
         terms = training_loss(trained, fixed, moving, truth, spacing, settings)
         optimiser.zero_grad(set_to_none=True)
         terms["loss"].backward()
