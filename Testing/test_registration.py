@@ -54,6 +54,21 @@ def test_compiled_warp_by_voxels_equals_itk(extrapolate):
         warp_voxels(moving, displacement[:, :-1])
 
 
+def test_intensity_mse_is_the_papers_mse_on_intensities_scaled_by_the_fixed_range():
+    from us3d.metrics import mse
+    from us3d.registration.pairs import intensity_mse
+
+    rng = np.random.default_rng(5)
+    fixed = sitk.GetImageFromArray((rng.random((6, 10, 12)) * 200 + 20).astype(np.float32))
+    moving = sitk.GetImageFromArray((rng.random((6, 10, 12)) * 90 + 5).astype(np.float32))
+    f, m = sitk.GetArrayFromImage(fixed).astype(np.float64), sitk.GetArrayFromImage(moving).astype(np.float64)
+    low, high = f.min(), f.max()
+    zero = np.zeros((3, 6, 10, 12), np.float32)
+    before, after = intensity_mse(fixed, moving, displacement_to_field(zero, fixed), zero)
+    assert before == pytest.approx(mse((m - low) / (high - low), (f - low) / (high - low)), rel=1e-12)
+    assert after == pytest.approx(before, rel=1e-6)  # a zero field warps nothing
+
+
 def test_folding_and_endpoint_error():
     fixed = blobs((8, 16, 16))
     displacement = np.zeros((8, 16, 16, 3))

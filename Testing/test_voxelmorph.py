@@ -81,7 +81,9 @@ def test_scripted_model_round_trip_and_field_geometry(tmp_path):
     fixed.SetSpacing((0.5, 0.3, 0.8))
     fixed.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
     registrar = Registrar(RegistrationSettings(model=str(path), refine_steps=0, device="cpu"))
-    field = sitk.GetArrayFromImage(registrar.field(sitk.Cast(fixed, sitk.sitkFloat32), fixed)[0])
+    field_image = registrar.field(sitk.Cast(fixed, sitk.sitkFloat32), fixed)[0]
+    assert field_image.GetPixelID() == sitk.sitkVectorFloat32  # what is computed and written
+    field = sitk.GetArrayFromImage(field_image)
     with torch.no_grad():
         expected_voxels = model(_tensor(fixed), _tensor(fixed))[0].numpy()  # (k, j, i) voxels
     # the image's i axis (0.5 mm) points to +y in LPS, its j axis (0.3 mm) to -x
@@ -205,6 +207,32 @@ def test_the_bundled_network_runs_with_compiled_cost_volumes_on_the_cpu():
         np.testing.assert_allclose(rebuilt(fixed, moving).numpy(), scripted(fixed, moving).numpy(), atol=1e-4)
     other = torch.nn.Conv3d(1, 1, 1)
     assert for_inference(other) is other
+
+
+def test_a_prepared_moving_volume_gives_the_same_displacement():
+    """A moving volume registered to many frames has its translation spectra and features made once
+    (`prepare_moving`), in the network and in the registrar's sequence loop: the same result."""
+    from us3d.io import VolumeSequence
+    from us3d.registration.pairs import Registrar, RegistrationSettings
+
+    torch.manual_seed(2)
+    network = VoxelMorph().eval()
+    fixed = _tensor(shifted_blobs((12, 40, 36), shift_mm=(0.0, 0.0, 0.0)))
+    moving = _tensor(shifted_blobs((12, 40, 36), shift_mm=(1.5, -0.6, 0.4)))
+    with torch.inference_mode():
+        assert torch.equal(network(fixed, moving, network.prepare_moving(moving)), network(fixed, moving))
+
+    frames = [shifted_blobs((10, 40, 48), shift_mm=(0.5 * t, -0.3 * t, 0.0)) for t in range(3)]
+    sequence = VolumeSequence.from_images([sitk.Cast(f, sitk.sitkUInt8) for f in frames])
+    registrar = Registrar(RegistrationSettings(refine_steps=4, device="cpu"))
+    results = registrar.register_sequence(sequence, 0)  # prepares frame 0 once
+    for t in (1, 2):
+        alone = registrar.register_pair(sequence.frame_image(t), sequence.frame_image(0))
+        np.testing.assert_allclose(sitk.GetArrayFromImage(results[t].field), sitk.GetArrayFromImage(alone.field),
+                                   atol=1e-5)
+    prepared = registrar.prepare_moving(registrar.preprocess(sequence.frame_image(0)))
+    with pytest.raises(ValueError):
+        registrar.displacement(sequence.frame_image(1), sequence.frame_image(2), prepared=prepared)
 
 
 def test_the_compiled_cost_volume_equals_torch():

@@ -60,7 +60,8 @@ def read(path: str | os.PathLike) -> "sitk.Image | VolumeSequence":
 def write(data: "sitk.Image | VolumeSequence", path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write an image (any volume format) or a sequence (.seq.nrrd) atomically: a failed write leaves
     nothing behind. An existing file is refused unless `overwrite` is True. A displacement field (a
-    float64 3-vector image, as `register` returns) is written in float32, as the CLI writes it.
+    3-vector image of float32, as `register` returns, or float64) is written in float32, as the CLI
+    writes it.
     """
     from pathlib import Path
 
@@ -78,7 +79,7 @@ def write(data: "sitk.Image | VolumeSequence", path: str | os.PathLike, *, overw
     if not path.parent.is_dir():
         raise InputError(f"folder {path.parent} does not exist")
     with atomic_outputs([path]) as (temporary,):
-        if isinstance(data, sitk.Image) and data.GetPixelID() == sitk.sitkVectorFloat64 \
+        if isinstance(data, sitk.Image) and data.GetPixelID() in (sitk.sitkVectorFloat32, sitk.sitkVectorFloat64) \
                 and data.GetNumberOfComponentsPerPixel() == 3:
             write_field(data, temporary)
         else:
@@ -214,7 +215,9 @@ def register(fixed: "sitk.Image", moving: "sitk.Image", *, method: str = "voxelm
     Returns
     -------
     us3d.registration.pairs.PairResult
-        `.field`: ITK displacement field on the fixed grid (LPS, mm): warped(x) = moving(x + field(x));
+        `.field`: ITK displacement field on the fixed grid (LPS, mm; 3-vectors of float32, demons
+        float64): warped(x) = moving(x + field(x)); `sitk.DisplacementFieldTransform` needs it cast
+        to float64 (`us3d.registration.fields.warp` does this);
         `.warped`: the moving volume on the fixed grid; `.mse_before`, `.mse_after`, `.folding`
         (fraction of voxels), `.seconds`.
 

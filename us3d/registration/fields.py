@@ -1,6 +1,7 @@
 """Displacement fields: warping, Jacobian determinant, folding, endpoint error.
 
-A field is a SimpleITK image of 3-vectors (float64) on the fixed volume's grid: d(x) in mm,
+A field is a SimpleITK image of 3-vectors (float32 from the registration, float32 or float64
+otherwise) on the fixed volume's grid: d(x) in mm,
 (x, y, z) LPS components, and warping the moving volume gives moving(x + d(x)) at each fixed
 voxel x. This is ITK's displacement-field transform, which Slicer loads as a grid transform,
 and the convention of the phantom's ground truth (frame t <- frame 0).
@@ -18,23 +19,26 @@ from us3d.errors import InputError
 
 
 def field_image(displacement: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    """Field image from a (k, j, i, 3) array in mm on `reference`'s grid."""
-    image = sitk.GetImageFromArray(np.asarray(displacement, np.float64), isVector=True)
+    """Field image from a (k, j, i, 3) array in mm on `reference`'s grid: float32 for a float32 array,
+    else float64. ITK's displacement-field transform takes float64: cast first
+    (`sitk.Cast(field, sitk.sitkVectorFloat64)`), as `warp` does."""
+    dtype = np.float32 if np.asarray(displacement).dtype == np.float32 else np.float64
+    image = sitk.GetImageFromArray(np.asarray(displacement, dtype), isVector=True)
     image.CopyInformation(reference)
     return image
 
 
 def displacement_to_field(displacement: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    """Field image on `reference`'s grid from a (3, k, j, i) displacement in voxels, channels (k, j, i)
-    (the networks' and the refinement's layout)."""
-    spacing = reference.GetSpacing()
+    """Field image (float32) on `reference`'s grid from a (3, k, j, i) displacement in voxels, channels
+    (k, j, i) (the networks' and the refinement's layout). float32 is what the registration computes
+    and what `write_field` writes; a float64 field of a 256x256x128 frame took a third of a second
+    more to make."""
+    spacing = np.asarray(reference.GetSpacing())
     direction = np.reshape(reference.GetDirection(), (3, 3))
-    mm = np.zeros(displacement.shape[1:] + (3,), np.float64)  # (k, j, i, [x, y, z]), filled in place
-    for axis in range(3):  # along index axis (i, j, k)[axis]: spacing times the direction's column
-        along = displacement[2 - axis].astype(np.float64) * spacing[axis]
-        for component in range(3):
-            if direction[component, axis] != 0:
-                mm[..., component] += direction[component, axis] * along
+    # row a: the mm (x, y, z) of one voxel step along channel a = index axis (k, j, i)[a]
+    to_mm = (direction * spacing).T[::-1].astype(np.float32)
+    voxels = np.asarray(displacement, np.float32).reshape(3, -1)
+    mm = (voxels.T @ to_mm).reshape(displacement.shape[1:] + (3,))  # (k, j, i, [x, y, z])
     return field_image(mm, reference)
 
 
@@ -65,7 +69,8 @@ def write_field(field: sitk.Image, path: str | os.PathLike) -> None:
     from us3d.io import write_volume
 
     check_field(field)
-    write_volume(sitk.Cast(field, sitk.sitkVectorFloat32), path)
+    write_volume(field if field.GetPixelID() == sitk.sitkVectorFloat32 else sitk.Cast(field, sitk.sitkVectorFloat32),
+                 path)
 
 
 def check_field(field: sitk.Image) -> None:

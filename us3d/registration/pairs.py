@@ -113,6 +113,16 @@ class PairResult:
     resampled: bool = False  # the moving volume was on another grid and was resampled
 
 
+@dataclasses.dataclass
+class PreparedMoving:
+    """`Registrar.prepare_moving`'s result: the pre-processed moving volume it was made from, that
+    volume on the working grid (1, 1, k, j, i), and the network's share (None without a rebuilt network)."""
+
+    image: sitk.Image
+    tensor: torch.Tensor
+    network: list[torch.Tensor] | None
+
+
 def intensity_mse(fixed: sitk.Image, moving: sitk.Image, field: sitk.Image,
                   displacement: np.ndarray | None = None) -> tuple[float, float]:
     """The paper's MSE before and after registration, on intensities scaled to [0, 1] by the fixed
@@ -120,18 +130,20 @@ def intensity_mse(fixed: sitk.Image, moving: sitk.Image, field: sitk.Image,
     the same field in voxels (3, k, j, i), which is faster). Where the field points outside the
     moving volume, the nearest edge value stands in, as the unwarped moving volume has data
     everywhere "before" is measured (zeros there make large motion look worse after registration)."""
-    fixed_array = sitk.GetArrayViewFromImage(fixed).astype(np.float64)
-    low, high = float(fixed_array.min()), float(fixed_array.max())
-    before = _scaled_mse(fixed_array, sitk.GetArrayViewFromImage(moving).astype(np.float64), low, high)
+    fixed_array = sitk.GetArrayViewFromImage(fixed)
+    scale = (float(fixed_array.max()) - float(fixed_array.min())) or 1.0
+    before = _scaled_mse(fixed_array, sitk.GetArrayViewFromImage(moving), scale)
     warped = warp(moving, field, extrapolate=True) if displacement is None else \
         warp_voxels(moving, displacement, extrapolate=True)
     # GetArrayFromImage, not a view: a view of a temporary image would outlive its buffer.
-    return before, _scaled_mse(fixed_array, sitk.GetArrayFromImage(warped).astype(np.float64), low, high)
+    return before, _scaled_mse(fixed_array, sitk.GetArrayFromImage(warped), scale)
 
 
-def _scaled_mse(a: np.ndarray, b: np.ndarray, low: float, high: float) -> float:
-    scale = (high - low) or 1.0
-    return metrics.mse((a - low) / scale, (b - low) / scale)
+def _scaled_mse(a: np.ndarray, b: np.ndarray, scale: float) -> float:
+    """Mean of ((a - b) / scale)^2 (the offset of the [0, 1] scaling cancels), in float64 in one pass
+    per array: 4D frames are tens of millions of voxels."""
+    difference = np.subtract(a, b, dtype=np.float64).ravel()
+    return float(np.dot(difference, difference)) / difference.size / scale ** 2
 
 
 def check_pair(fixed: sitk.Image, moving: sitk.Image) -> bool:
@@ -235,26 +247,47 @@ class Registrar:
 
     # --- the displacement ----------------------------------------------------------------------
 
+    def _working_tensor(self, image: sitk.Image) -> torch.Tensor:
+        """(1, 1, k, j, i) float32 on the device, on the working grid (`working_size`)."""
+        volume = _tensor(image, self.device)
+        size = working_size(list(volume.shape[2:]), _spacing_kji(image))
+        # averaged down along the axes sampled finer than the network was trained on
+        return volume if size == list(volume.shape[2:]) else F.interpolate(volume, size=size, mode="area")
+
+    def prepare_moving(self, moving: sitk.Image) -> PreparedMoving:
+        """What registering pre-processed `moving` to any fixed volume needs from it alone, made once
+        for a moving volume registered to many frames (`register_sequence` does this): pass it to
+        `displacement` and `field` as `prepared`."""
+        from us3d.registration.voxelmorph import VoxelMorph
+
+        with torch.inference_mode():
+            tensor = self._working_tensor(moving)
+            network = None
+            if isinstance(self._network, VoxelMorph):  # a rebuilt network; a scripted one has no such method
+                network = self._network.prepare_moving(tensor)
+        return PreparedMoving(moving, tensor, network)
+
     def displacement(self, fixed: sitk.Image, moving: sitk.Image, initial: torch.Tensor | None = None,
-                     cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+                     cancel: Callable[[], bool] | None = None,
+                     prepared: PreparedMoving | None = None) -> torch.Tensor:
         """(1, 3, k, j, i) voxel displacement, channels (k, j, i), that warps pre-processed `moving`
         (on the fixed grid) onto `fixed`; `initial` replaces the network's or translation's start
-        (e.g. the previous frame's displacement). Not for demons."""
+        (e.g. the previous frame's displacement); `prepared`: `prepare_moving(moving)`, the same
+        result with less work. Not for demons."""
         from us3d.registration.refine import RefinementSettings, refine, resample_displacement
         from us3d.registration.voxelmorph import normalised, translation
 
-        fixed_t, moving_t = _tensor(fixed, self.device), _tensor(moving, self.device)
-        full, spacing = list(fixed_t.shape[2:]), _spacing_kji(fixed)
-        size = working_size(full, spacing)
-        if size != full:  # averaged down along the axes sampled finer than the network was trained on
-            fixed_t = F.interpolate(fixed_t, size=size, mode="area")
-            moving_t = F.interpolate(moving_t, size=size, mode="area")
-            spacing = tuple(s * n / m for s, n, m in zip(spacing, full, size))
+        if prepared is not None and prepared.image is not moving:
+            raise ValueError("prepared was made from another moving volume")
+        fixed_t = self._working_tensor(fixed)
+        moving_t = prepared.tensor if prepared is not None else self._working_tensor(moving)
+        full, size = list(sitk.GetArrayViewFromImage(fixed).shape), list(fixed_t.shape[2:])
+        spacing = tuple(s * n / m for s, n, m in zip(_spacing_kji(fixed), full, size))
         with torch.inference_mode():
             if initial is not None:
                 start = resample_displacement(initial.to(self.device), size)
             elif self._network is not None:
-                start = self._run_network(fixed_t, moving_t)
+                start = self._run_network(fixed_t, moving_t, None if prepared is None else prepared.network)
             else:
                 shift = translation(normalised(fixed_t), normalised(moving_t))
                 start = shift.view(1, 3, 1, 1, 1).expand(1, 3, *size).contiguous()
@@ -267,9 +300,10 @@ class Registrar:
         with torch.inference_mode():
             return resample_displacement(start, full)
 
-    def _run_network(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    def _run_network(self, fixed: torch.Tensor, moving: torch.Tensor,
+                     prepared: list[torch.Tensor] | None = None) -> torch.Tensor:
         try:
-            return self._network(fixed, moving)
+            return self._network(fixed, moving) if prepared is None else self._network(fixed, moving, prepared)
         except torch.cuda.OutOfMemoryError:
             if self.device.type != "cuda":
                 raise
@@ -279,14 +313,15 @@ class Registrar:
             return self._network(fixed.cpu(), moving.cpu())
 
     def field(self, fixed: sitk.Image, moving: sitk.Image, initial: torch.Tensor | None = None,
-              cancel: Callable[[], bool] | None = None) -> tuple[sitk.Image, torch.Tensor | None]:
+              cancel: Callable[[], bool] | None = None,
+              prepared: PreparedMoving | None = None) -> tuple[sitk.Image, torch.Tensor | None]:
         """(ITK displacement field on the fixed grid, LPS mm; the voxel displacement, None for demons)
-        for pre-processed volumes on one grid."""
+        for pre-processed volumes on one grid; `prepared`: see `displacement`."""
         from us3d.registration.demons import register_demons
 
         if self.settings.method == "demons":
             return register_demons(fixed, moving, cancel=cancel), None
-        displacement = self.displacement(fixed, moving, initial, cancel)
+        displacement = self.displacement(fixed, moving, initial, cancel, prepared)
         return displacement_to_field(displacement[0].cpu().numpy(), fixed), displacement
 
     # --- pairs and sequences -------------------------------------------------------------------
@@ -366,6 +401,9 @@ class Registrar:
                        cancel) -> Iterator[PairResult]:
         prepared = self.preprocess(sequence, cancel)
         moving_in = self.preprocess(moving_image, cancel)
+        # the moving volume's own share of the work (its working grid, translation spectra and
+        # features), done once for every frame
+        ready = None if self.settings.method == "demons" else self.prepare_moving(moving_in)
         if progress is not None:
             progress(0, len(sequence))
         previous = None
@@ -374,7 +412,7 @@ class Registrar:
                 raise Cancelled()
             fixed, fixed_in = sequence.frame_image(t), prepared.frame_image(t)
             start = time.perf_counter()
-            field, displacement = self.field(fixed_in, moving_in, previous, cancel)
+            field, displacement = self.field(fixed_in, moving_in, previous, cancel, ready)
             if self.settings.from_previous_frame and not (isinstance(moving, (int, np.integer)) and t == moving):
                 previous = displacement  # None for demons
             result = self._measure(fixed, fixed_in, moving_image, moving_in, field, displacement,

@@ -8,7 +8,7 @@ Tensors are (batch, channel, k, j, i). Displacements are in voxels, channel orde
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -82,25 +82,43 @@ def _detail(volume: torch.Tensor, reduce: List[int]) -> tuple[torch.Tensor, torc
     return (pooled - trend) * mask, mask
 
 
+def _padded_size(shape: List[int]) -> List[int]:
+    """The correlation grid: zero padding by half of each axis, so shifts up to that do not wrap."""
+    return [n + n // 2 for n in shape]
+
+
+def translation_spectra(volume: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """(b, 3, ...) transforms of one volume's terms of `coarse_translation` (its data mask, its detail
+    and the detail squared, at 1/`factor` in-plane resolution): a moving volume registered to
+    many frames needs them once."""
+    detail, mask = _detail(volume, [1, factor, factor])
+    size = _padded_size([detail.shape[2], detail.shape[3], detail.shape[4]])
+    return torch.fft.rfftn(torch.cat([mask, detail, detail * detail], 1), s=size, dim=[2, 3, 4])
+
+
 def coarse_translation(fixed: torch.Tensor, moving: torch.Tensor, factor: int = 2,
-                       min_overlap: float = 0.3) -> torch.Tensor:
+                       min_overlap: float = 0.3, moving_spectra: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(b, 3) shift in voxels (k, j, i) of the input grid from a masked, overlap-normalised cross-correlation
     (Padfield, IEEE TIP 2012) at 1/`factor` in-plane resolution, with shifts up to half of each axis.
 
     Regions at the volume's minimum (outside a sector scan, zero padding) carry no data; smooth
     trends (attenuation, TGC, shading), which do not move with the tissue, are removed by subtracting a
     Gaussian-blurred copy; shifts whose overlap is under `min_overlap` of the volume are not considered.
+    `moving_spectra`: `translation_spectra(moving, factor)`, computed once for a moving volume
+    registered to many frames (then `moving` is not read).
     """
     reduce = [1, factor, factor]
     f, mf = _detail(fixed, reduce)
-    m, mm = _detail(moving, reduce)
     shape = [f.shape[2], f.shape[3], f.shape[4]]
-    size = [n + n // 2 for n in shape]  # zero padding: shifts up to half of each axis do not wrap
+    size = _padded_size(shape)
     dims = [2, 3, 4]
     # the transforms of the three fixed-side and three moving-side terms, then six pairwise products:
     # (mask, mask), (f, mask), (mask, m), (f, m), (f^2, mask), (mask, m^2)
     left = torch.conj(torch.fft.rfftn(torch.cat([mf, f, f * f], 1), s=size, dim=dims))
-    right = torch.fft.rfftn(torch.cat([mm, m, m * m], 1), s=size, dim=dims)
+    if moving_spectra is None:
+        right = translation_spectra(moving, factor)
+    else:
+        right = moving_spectra
     products = [left[:, a] * right[:, b] for a, b in ((0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (0, 2))]
     sums = torch.fft.irfftn(torch.stack(products, 1), s=size, dim=dims)
     count, sum_f, sum_m = sums[:, 0], sums[:, 1], sums[:, 2]
@@ -127,10 +145,11 @@ def _blur(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     return separable.gaussian(volume, sigma, False)
 
 
-def translation(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+def translation(fixed: torch.Tensor, moving: torch.Tensor, moving_spectra: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(b, 3) shift s in voxels, (k, j, i), that best aligns moving(x + s) with fixed(x), within half of
-    each axis: `coarse_translation` at half in-plane resolution (sub-voxel by a parabola per axis)."""
-    return coarse_translation(fixed, moving, 2)
+    each axis: `coarse_translation` at half in-plane resolution (sub-voxel by a parabola per axis);
+    `moving_spectra`: `translation_spectra(moving)`, when the moving volume is registered to many frames."""
+    return coarse_translation(fixed, moving, 2, moving_spectra=moving_spectra)
 
 
 class _Block(nn.Module):
@@ -302,20 +321,40 @@ class VoxelMorph(nn.Module):
             offsets = _offsets(radii[level]) + (_offsets(still_radii[level]) if max(still_radii[level]) > 0 else 0)
             self.estimators.append(_Estimator(offsets + encoder[2 - level] + 6, list(estimators[level])))
 
-    def levels(self, fixed: torch.Tensor, moving: torch.Tensor, every_level: bool = True) -> List[torch.Tensor]:
+    def prepare_moving(self, moving: torch.Tensor) -> List[torch.Tensor]:
+        """What `levels` computes from the moving volume (b, 1, k, j, i) alone: its translation
+        spectra and its features at the three levels. A moving volume registered to every frame
+        of a sequence is prepared once and passed as `levels(..., prepared=...)`: the same
+        displacement, with the moving half of the translation and of the encoder done once."""
+        moving_n = normalised(moving.float())
+        return [translation_spectra(moving_n)] + self.encoder(self._padded(moving_n))
+
+    def _padded(self, volume: torch.Tensor) -> torch.Tensor:
+        k, j, i = volume.shape[2], volume.shape[3], volume.shape[4]
+        pads = [(-k) % 4, (-j) % 8, (-i) % 8]  # PAD_MULTIPLE
+        if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
+            volume = F.pad(volume, [0, pads[2], 0, pads[1], 0, pads[0]], mode="replicate")
+        return volume
+
+    def levels(self, fixed: torch.Tensor, moving: torch.Tensor, every_level: bool = True,
+               prepared: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
         """Each level's displacement (coarsest first) on the input grid, voxels; the last is `forward`'s
-        (only that one with `every_level` False)."""
+        (only that one with `every_level` False). `prepared`: `prepare_moving(moving)`, for a moving
+        volume registered to many frames."""
         if fixed.dim() != 5 or fixed.shape[1] != 1 or fixed.shape != moving.shape:
             raise ValueError("fixed and moving must both be (batch, 1, k, j, i) with the same shape")
         k, j, i = fixed.shape[2], fixed.shape[3], fixed.shape[4]
         pads = [(-k) % 4, (-j) % 8, (-i) % 8]  # PAD_MULTIPLE
-        fixed_n, moving_n = normalised(fixed.float()), normalised(moving.float())
-        shift = translation(fixed_n, moving_n)
-        pair = torch.cat([fixed_n, moving_n], 0)
-        if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
-            pair = F.pad(pair, [0, pads[2], 0, pads[1], 0, pads[0]], mode="replicate")
+        fixed_n = normalised(fixed.float())
         batch = fixed.shape[0]
-        features = self.encoder(pair)  # fixed and moving through one encoder
+        if prepared is None:
+            moving_n = normalised(moving.float())
+            shift = translation(fixed_n, moving_n)
+            features = self.encoder(self._padded(torch.cat([fixed_n, moving_n], 0)))  # both through one encoder
+        else:
+            shift = translation(fixed_n, moving, prepared[0])  # moving's spectra: moving itself is not read
+            fixed_features = self.encoder(self._padded(fixed_n))
+            features = [torch.cat([a, b], 0) for a, b in zip(fixed_features, prepared[1:])]
         full = [k + pads[0], j + pads[1], i + pads[2]]
         out: List[torch.Tensor] = []
         logits = torch.zeros(0)
@@ -347,8 +386,9 @@ class VoxelMorph(nn.Module):
                 out.append(_rescaled(flow, full)[:, :, :k, :j, :i])
         return out
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        return self.levels(fixed, moving, False)[-1]
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor,
+                prepared: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        return self.levels(fixed, moving, False, prepared)[-1]
 
 
 def for_inference(module: nn.Module) -> nn.Module:
