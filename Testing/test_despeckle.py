@@ -24,6 +24,20 @@ def test_sequence_in_sequence_out_with_progress():
     np.testing.assert_array_equal(sequence.frames, before)  # input unchanged
 
 
+def test_frames_handed_on_as_they_are_made_equal_the_whole_output():
+    import us3d
+
+    sequence = _sequence(4)
+    whole = despeckle(sequence, ObnlmSettings(), "cpu")
+    handed = []
+    assert despeckle(sequence, ObnlmSettings(), "cpu", on_frame=lambda t, frame: handed.append((t, frame))) is None
+    assert [t for t, _ in handed] == [0, 1, 2, 3]
+    np.testing.assert_array_equal(np.stack([frame for _, frame in handed]), whole.frames)
+    assert us3d.despeckle(sequence.frames, on_frame=lambda t, frame: None, device="cpu") is None
+    with pytest.raises(us3d.errors.InputError):  # a single volume has no frames to hand on
+        us3d.despeckle(sequence.frames[0], on_frame=lambda t, frame: None)
+
+
 def test_cancel_after_frame_two_produces_nothing():
     done = []
     with pytest.raises(Cancelled):

@@ -160,6 +160,32 @@ def test_float_sequences_are_written_from_the_arrays_own_buffer(tmp_path):
         "this pynrrd lacks the header writer: float sequences are copied whole again when written"
 
 
+def test_a_sequence_streamed_frame_by_frame_is_the_file_written_whole(tmp_path):
+    from us3d.io import SequenceWriter
+
+    sequence = _sequence()
+    whole = VolumeSequence(sequence.frames.astype(np.float32) * 0.37, sequence.spacing, sequence.origin,
+                           sequence.direction, sequence.index_values)
+    write_sequence(whole, tmp_path / "whole.seq.nrrd")
+    with SequenceWriter(tmp_path / "streamed.seq.nrrd", sequence) as writer:  # the uint8 input's geometry
+        for frame in whole.frames:
+            writer.write(frame)
+    back = read_sequence(tmp_path / "streamed.seq.nrrd")
+    np.testing.assert_array_equal(back.frames, whole.frames)
+    assert back.frames.dtype == np.float32 and back.index_values == sequence.index_values
+    np.testing.assert_allclose(back.direction, sequence.direction)
+    ours, theirs = (nrrd.read_header(str(tmp_path / name)) for name in ("streamed.seq.nrrd", "whole.seq.nrrd"))
+    assert {k: str(v) for k, v in ours.items()} == {k: str(v) for k, v in theirs.items()}
+    with pytest.raises(InputError):
+        SequenceWriter(tmp_path / "bad.seq.nrrd", sequence).write(whole.frames[0, :2])
+    with pytest.raises(InputError):  # one frame short: an error, and atomic_outputs leaves nothing
+        with atomic_outputs([tmp_path / "short.seq.nrrd"]) as (temporary,):
+            with SequenceWriter(temporary, sequence) as writer:
+                writer.write(whole.frames[0])
+    assert not (tmp_path / "short.seq.nrrd").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.seq.nrrd", "streamed.seq.nrrd", "whole.seq.nrrd"]
+
+
 def test_integer_volumes_are_compressed_and_fields_written_as_float32(tmp_path):
     """Issue 15: zlib on float voxels saves a few percent for seconds per 4D frame, so only integer
     volumes are compressed; displacement fields are written in float32 and read back to 1e-6 mm."""

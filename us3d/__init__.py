@@ -90,7 +90,8 @@ def despeckle(volume: "np.ndarray | sitk.Image | VolumeSequence", method: str = 
               model: str | None = None, mode: str | None = None, search_radius: int | None = None,
               block_radius: int | None = None, h: float | None = None,
               progress: Callable[[int, int], None] | None = None,
-              cancel: Callable[[], bool] | None = None) -> "np.ndarray | sitk.Image | VolumeSequence":
+              cancel: Callable[[], bool] | None = None,
+              on_frame: "Callable[[int, np.ndarray], None] | None" = None) -> "np.ndarray | sitk.Image | VolumeSequence | None":
     """Despeckle a volume or every frame of a 4D sequence; the input is never modified.
 
     Parameters
@@ -116,11 +117,15 @@ def despeckle(volume: "np.ndarray | sitk.Image | VolumeSequence", method: str = 
         progress(frames_done, total) after each frame (`us3d.despeckling.FrameTimer` times frames).
     cancel : callable, optional
         Returning True stops the run with `us3d.errors.Cancelled`.
+    on_frame : callable, optional
+        Sequences only: on_frame(t, frame) with each despeckled frame ((k, j, i) float32) as soon
+        as it is made, in order; nothing is kept and None is returned, so memory does not grow with
+        the number of frames (`us3d.io.SequenceWriter.write` streams them into a .seq.nrrd).
 
     Returns
     -------
     The same kind as `volume`: a float32 array of the same shape, an image with the same geometry,
-    or a sequence with the same frames and index values.
+    or a sequence with the same frames and index values (None with `on_frame`).
 
     Examples
     --------
@@ -138,14 +143,17 @@ def despeckle(volume: "np.ndarray | sitk.Image | VolumeSequence", method: str = 
     from us3d.io import VolumeSequence
 
     settings = settings_from_arguments(method, model, mode, search_radius, block_radius, h)
-    if isinstance(volume, (sitk.Image, VolumeSequence)):
-        return despeckle_data(volume, settings, device, progress, cancel)
-    array = np.asarray(volume)
+    array = None if isinstance(volume, (sitk.Image, VolumeSequence)) else np.asarray(volume)
+    if on_frame is not None and not (isinstance(volume, VolumeSequence) or (array is not None and array.ndim == 4)):
+        raise InputError("on_frame is for sequences: a (t, k, j, i) array or a VolumeSequence")
+    if array is None:
+        return despeckle_data(volume, settings, device, progress, cancel, on_frame)
     if array.ndim == 3:
         image = sitk.GetImageFromArray(array)
         return sitk.GetArrayFromImage(despeckle_data(image, settings, device, progress, cancel))
     if array.ndim == 4:
-        return despeckle_data(VolumeSequence(array), settings, device, progress, cancel).frames
+        out = despeckle_data(VolumeSequence(array), settings, device, progress, cancel, on_frame)
+        return None if out is None else out.frames
     raise InputError(f"volume must be a (k, j, i) or (t, k, j, i) array, an image or a sequence, not a "
                      f"{array.ndim}-dimensional array")
 

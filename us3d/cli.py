@@ -69,13 +69,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _write(data, path: str | os.PathLike) -> None:
-    from us3d.io import atomic_outputs, write_any
-
-    with atomic_outputs([path]) as (temporary,):
-        write_any(data, temporary)
-
-
 def _check_kind_matches(data, output: Path) -> None:
     from us3d.io import VolumeSequence, is_sequence_path
 
@@ -119,19 +112,24 @@ def cmd_despeckle(args: argparse.Namespace) -> int:
         caught.append(str(message))
         print(f"us3d despeckle: warning: {message}", file=sys.stderr)
 
-    timer = FrameTimer(ProgressBar("despeckle"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = show
-        despeckled = us3d.despeckle(data, **settings.arguments(), device=args.device, progress=timer)
-    if report is None:
-        _write(despeckled, output)
-    else:
-        from us3d.io import atomic_outputs, write_any
+    from us3d.io import SequenceWriter, VolumeSequence, atomic_outputs, write_any
 
-        with atomic_outputs([output, report]) as (temporary, temporary_report):
-            write_any(despeckled, temporary)
-            Path(temporary_report).write_text(json.dumps({
+    timer = FrameTimer(ProgressBar("despeckle"))
+    # The outputs appear only once every frame is done; a sequence's frames are written as they are
+    # made (memory does not grow with the frame count).
+    with atomic_outputs([output] + ([] if report is None else [report])) as temporaries:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            if isinstance(data, VolumeSequence):
+                with SequenceWriter(temporaries[0], data) as writer:
+                    us3d.despeckle(data, **settings.arguments(), device=args.device, progress=timer,
+                                   on_frame=lambda t, frame: writer.write(frame))
+            else:
+                write_any(us3d.despeckle(data, **settings.arguments(), device=args.device, progress=timer),
+                          temporaries[0])
+        if report is not None:
+            Path(temporaries[1]).write_text(json.dumps({
                 "method": settings.description(), "device": device, "seconds_per_frame": timer.seconds_per_frame,
                 "warnings": caught}, indent=1))
     frames = len(timer.seconds_per_frame)
@@ -335,7 +333,7 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
     import io
 
     import us3d
-    from us3d.io import atomic_outputs, read_sequence, write_any
+    from us3d.io import SequenceWriter, atomic_outputs, read_sequence
     from us3d.registration.fields import write_field
 
     outdir = Path(args.outdir)
@@ -374,17 +372,12 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(METRIC_COLUMNS)
-    warped = None
 
     def write_frame(t: int, result) -> None:
-        """Frames stream through: each field is written as soon as it is made, and the caller keeps
-        only its figures, so memory does not grow with the frame count."""
-        nonlocal warped
+        """Frames stream through: each field and warped frame is written as soon as it is made, and
+        the caller keeps only its figures, so memory does not grow with the frame count."""
         write_field(result.field, temporaries[1 + t])
-        frame = sitk.GetArrayViewFromImage(result.warped)
-        if warped is None:
-            warped = np.empty((count,) + frame.shape, frame.dtype)
-        warped[t] = frame
+        warped.write(sitk.GetArrayViewFromImage(result.warped))
         epe = result.endpoint_error or (float("nan"), float("nan"))
         writer.writerow([t, sequence.index_values[t], f"{result.mse_before:.6f}", f"{result.mse_after:.6f}",
                          "" if result.smpi is None else f"{result.smpi:.4f}", f"{100 * result.folding:.4f}",
@@ -393,9 +386,9 @@ def cmd_register_sequence(args: argparse.Namespace) -> int:
 
     # The outputs appear (and the folder stays) only once every frame is done.
     with _created_folder(outdir), atomic_outputs(outputs) as temporaries:
-        results = us3d.register_sequence(sequence, moving, **settings, truths=truths,
-                                         progress=ProgressBar("register"), on_frame=write_frame)
-        write_any(sequence.with_frames(warped), temporaries[0])
+        with SequenceWriter(temporaries[0], sequence) as warped:
+            results = us3d.register_sequence(sequence, moving, **settings, truths=truths,
+                                             progress=ProgressBar("register"), on_frame=write_frame)
         Path(temporaries[-1]).write_text(table.getvalue())
     print(table.getvalue(), end="")
     others = [r for t, r in enumerate(results) if t != args.moving_frame] or results

@@ -124,13 +124,16 @@ def _frame_runner(settings: ObnlmSettings | UnetSettings, device: str) -> tuple[
 
 def despeckle(data: sitk.Image | VolumeSequence, settings: ObnlmSettings | UnetSettings | None = None,
               device: str = "auto", progress: Callable[[int, int], None] | None = None,
-              cancel: Callable[[], bool] | None = None) -> sitk.Image | VolumeSequence:
+              cancel: Callable[[], bool] | None = None,
+              on_frame: Callable[[int, np.ndarray], None] | None = None) -> sitk.Image | VolumeSequence | None:
     """Despeckle a volume or every frame of a sequence (see `us3d.despeckle`); the input is left
     unchanged.
 
     Frames are filtered one at a time (U-Net on CUDA: 8 at a time); `progress(0, total)` is
     called once the filter is ready and `progress(done, total)` after each frame; `cancel()`
-    returning True stops the run with `Cancelled`.
+    returning True stops the run with `Cancelled`. For a sequence, `on_frame(t, frame)` receives
+    each despeckled frame ((k, j, i) float32) as soon as it is made, in order; then no output is
+    kept and None is returned, so memory does not grow with the frame count.
     """
     settings = settings or ObnlmSettings()
     if isinstance(data, VolumeSequence) and len(data) == 0:
@@ -140,16 +143,21 @@ def despeckle(data: sitk.Image | VolumeSequence, settings: ObnlmSettings | UnetS
     if progress is not None:
         progress(0, total)
     if isinstance(data, VolumeSequence):
-        # one output array filled frame by frame: memory holds the input and the output, nothing more
-        frames = np.empty(data.frames.shape, np.float32)
+        # one output array filled frame by frame (memory holds the input and the output), or
+        # each frame handed on as it is made
+        frames = np.empty(data.frames.shape, np.float32) if on_frame is None else None
         for index in range(0, total, chunk):
             if cancel is not None and cancel():
                 raise Cancelled()
             filtered = run(data.frames[index:index + chunk])
-            frames[index:index + len(filtered)] = filtered
+            if frames is None:
+                for offset, frame in enumerate(filtered):
+                    on_frame(index + offset, np.asarray(frame, np.float32))
+            else:
+                frames[index:index + len(filtered)] = filtered
             if progress is not None:
                 progress(index + len(filtered), total)
-        return data.with_frames(frames)
+        return None if frames is None else data.with_frames(frames)
     if cancel is not None and cancel():
         raise Cancelled()
     array = run(sitk.GetArrayViewFromImage(data)[None])[0].astype(np.float32, copy=False)

@@ -199,32 +199,75 @@ def read_sequence(path: str | os.PathLike) -> VolumeSequence:
                           index_values, index_name, index_unit, index_type if index_type in ("numeric", "text") else None)
 
 
-def write_sequence(sequence: VolumeSequence, path: str | os.PathLike) -> None:
-    """Write a sequence as a Slicer .seq.nrrd (list axis last, as current Slicer writes; LPS).
-
-    Integer frames are gzip-compressed; floating-point frames are written raw: gzip saves about a
-    tenth of their size and costs about 1.3 s per 256x256x128 float32 frame, more than despeckling it.
-    """
+def _sequence_header(sequence: VolumeSequence, dtype: np.dtype) -> tuple[dict, dict]:
+    """(pynrrd header, its custom field types) of a .seq.nrrd of `sequence`'s geometry and frames of `dtype`."""
     matrix = sequence.direction * np.asarray(sequence.spacing)[None, :]
     header = {
-        "type": sequence.frames.dtype.name,
+        "type": np.dtype(dtype).name,
         "space": "left-posterior-superior",
         "space directions": np.vstack([matrix.T, np.full(3, np.nan)]),
         "kinds": ["domain", "domain", "domain", "list"],
         "labels": ["", "", "", sequence.index_name],
         "units": ["", "", "", sequence.index_unit],
         "space origin": np.asarray(sequence.origin, dtype=float),
-        "encoding": "gzip" if np.issubdtype(sequence.frames.dtype, np.integer) else "raw",
+        "encoding": "gzip" if np.issubdtype(dtype, np.integer) else "raw",
         "DataNodeClassName": "vtkMRMLScalarVolumeNode",
         "axis 3 index type": sequence.index_type,
         "axis 3 index values": " ".join(sequence.index_values),
     }
+    fields = {key: "string" for key in ("DataNodeClassName", "axis 3 index type", "axis 3 index values")}
+    return header, fields
+
+
+def write_sequence(sequence: VolumeSequence, path: str | os.PathLike) -> None:
+    """Write a sequence as a Slicer .seq.nrrd (list axis last, as current Slicer writes; LPS).
+
+    Integer frames are gzip-compressed; floating-point frames are written raw: gzip saves about a
+    tenth of their size and costs about 1.3 s per 256x256x128 float32 frame, more than despeckling it.
+    """
+    header, fields = _sequence_header(sequence, sequence.frames.dtype)
     # NRRD lists the fastest axis first, so (i, j, k, list) is (t, k, j, i) in C order.
     frames = np.ascontiguousarray(sequence.frames)
-    fields = {key: "string" for key in ("DataNodeClassName", "axis 3 index type", "axis 3 index values")}
     if header["encoding"] == "raw" and _write_raw_nrrd(path, frames, header, fields):
         return
     nrrd.write(str(path), frames, header, index_order="C", custom_field_map=fields)
+
+
+class SequenceWriter:
+    """Writes the float32 frames of a sequence with `like`'s geometry, frame count and index values
+    into a raw .seq.nrrd as they are made, in order, so a long sequence is never held in memory
+    (`write_sequence` writes the same file from a whole array). Use it as a context manager: leaving
+    the block with fewer frames than `like` has raises InputError; write to a temporary path
+    (`atomic_outputs`) so that a failed run leaves no partial file.
+    """
+
+    def __init__(self, path: str | os.PathLike, like: VolumeSequence) -> None:
+        from nrrd.writer import _handle_header, _write_header  # pynrrd's own header writer
+
+        self.path, self.expected, self.written = str(path), len(like), 0
+        self.shape = tuple(like.frames.shape[1:])
+        header, fields = _sequence_header(like, np.float32)
+        layout = np.broadcast_to(np.zeros((), np.float32), (self.expected,) + self.shape)  # shape and type only
+        self._file = open(self.path, "wb")
+        _write_header(self._file, _handle_header(layout, header, index_order="C"), fields)
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append the next frame (k, j, i), written as float32."""
+        frame = np.asarray(frame)
+        if frame.shape != self.shape:
+            raise InputError(f"frame of shape {frame.shape}, the sequence's are {self.shape}")
+        if self.written >= self.expected:
+            raise InputError(f"the sequence has {self.expected} frames")
+        np.ascontiguousarray(frame, dtype=np.float32).tofile(self._file)
+        self.written += 1
+
+    def __enter__(self) -> "SequenceWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self._file.close()
+        if kind is None and self.written != self.expected:
+            raise InputError(f"{self.written} of the sequence's {self.expected} frames were written")
 
 
 def _write_raw_nrrd(path: str | os.PathLike, frames: np.ndarray, header: dict, fields: dict) -> bool:
