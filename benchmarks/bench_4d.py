@@ -7,7 +7,8 @@ exhale frame 0 to every frame), each by `us3d` in its own process, as a user run
 - seconds per frame: the median interval between the CLI's per-frame progress lines;
 - the process's resident memory (RSS) after frames 10, 20 and 40, read from /proc when the
   progress line appears, and its peak RSS (from the kernel's accounting when it exits);
-- the size of the input and output sequences in memory, the floor a streaming run cannot go under.
+- the size of the input sequence as the step holds it, the floor a run cannot go under (outputs are
+  written frame by frame as they are made, `us3d.io.SequenceWriter`).
 
     python benchmarks/bench_4d.py                  # about 40 min on 2 cores
     python benchmarks/bench_4d.py --frames 12      # shorter
@@ -38,11 +39,11 @@ CLINICAL = ImagingSetup(shape=(128, 256, 256), spacing=(0.3, 0.2, 0.3))
 TINY = ImagingSetup(shape=(8, 32, 32))
 SEED = 4040
 CHECKPOINTS = (10, 20, 40)
-#: key: (name, us3d arguments, output, bytes per voxel of input + output in memory)
-STEPS = {"obnlm": ("OBNLM slice-wise M=3 alpha=1 (default)", ["despeckle"], "obnlm.seq.nrrd", 1 + 4),
-         "unet": ("U-Net unet-obnlm", ["despeckle", "--method", "unet"], "unet.seq.nrrd", 1 + 4),
+#: key: (name, us3d arguments, output, bytes per voxel of the input as held in memory)
+STEPS = {"obnlm": ("OBNLM slice-wise M=3 alpha=1 (default)", ["despeckle"], "obnlm.seq.nrrd", 1),
+         "unet": ("U-Net unet-obnlm", ["despeckle", "--method", "unet"], "unet.seq.nrrd", 1),
          "registration": ("registration, network + refinement (default)", ["register-sequence"], "registered",
-                          1 + 4 + 4)}
+                          1 + 4)}
 STEP_NAMES = tuple(STEPS)
 
 
@@ -147,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
              f"{' x '.join(map(str, setup.spacing))} mm (i x j x k), run through the `us3d` CLI, one process "
              "per step. Seconds per frame: the median interval between per-frame progress lines. Memory in GiB: "
              "the process's resident memory when the progress line of frame 10, 20 and 40 appears, its peak, "
-             "and the input plus output sequences as held in memory (uint8 input, float32 output; registration: "
-             "the float32 copy the network reads and the warped output; its fields are written as they are made). "
+             "and the input sequence as held in memory (uint8; registration also the float32 copy the network "
+             "reads); the outputs (float32 frames, registration's fields) are written to disk as they are made. "
              f"Each step's process is spawned by this script, whose resident memory was then {parent_rss:.2f} GiB "
              "(Linux counts a parent's high-water memory into its spawned children's peak RSS).",
              "Registering the pair: the median of the `seconds` column of the run's metrics.csv, the "
              "registration of one frame pair (network and refinement, the field in mm), without pre-processing, "
              "the figures, the warped frame and writing the field.",
              "", "| step | time per frame | registering the pair | wall | RSS after frames 10 / 20 / 40 | peak RSS "
-             "| input + output |",
+             "| input held |",
              "|---|---|---|---|---|---|---|"] + rows
     Path(args.output).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
