@@ -19,11 +19,13 @@ from us3d.errors import InputError
 
 
 def field_image(displacement: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    """Field image from a (k, j, i, 3) array in mm on `reference`'s grid: float32 for a float32 array,
-    else float64. ITK's displacement-field transform takes float64: cast first
-    (`sitk.Cast(field, sitk.sitkVectorFloat64)`), as `warp` does."""
-    dtype = np.float32 if np.asarray(displacement).dtype == np.float32 else np.float64
-    image = sitk.GetImageFromArray(np.asarray(displacement, dtype), isVector=True)
+    """Field image (float64, what ITK's displacement-field transform takes) from a (k, j, i, 3) array
+    in mm on `reference`'s grid."""
+    return _vector_image(np.asarray(displacement, np.float64), reference)
+
+
+def _vector_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array, isVector=True)
     image.CopyInformation(reference)
     return image
 
@@ -32,14 +34,14 @@ def displacement_to_field(displacement: np.ndarray, reference: sitk.Image) -> si
     """Field image (float32) on `reference`'s grid from a (3, k, j, i) displacement in voxels, channels
     (k, j, i) (the networks' and the refinement's layout). float32 is what the registration computes
     and what `write_field` writes; a float64 field of a 256x256x128 frame took a third of a second
-    more to make."""
+    more to make. Cast it to float64 for ITK's displacement-field transform, as `warp` does."""
     spacing = np.asarray(reference.GetSpacing())
     direction = np.reshape(reference.GetDirection(), (3, 3))
     # row a: the mm (x, y, z) of one voxel step along channel a = index axis (k, j, i)[a]
     to_mm = (direction * spacing).T[::-1].astype(np.float32)
     voxels = np.asarray(displacement, np.float32).reshape(3, -1)
     mm = (voxels.T @ to_mm).reshape(displacement.shape[1:] + (3,))  # (k, j, i, [x, y, z])
-    return field_image(mm, reference)
+    return _vector_image(mm, reference)
 
 
 def field_array(field: sitk.Image) -> np.ndarray:
