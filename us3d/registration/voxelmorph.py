@@ -82,6 +82,15 @@ def _detail(volume: torch.Tensor, reduce: List[int]) -> tuple[torch.Tensor, torc
     return (pooled - trend) * mask, mask
 
 
+def _padded(volume: torch.Tensor) -> torch.Tensor:
+    """(b, c, k, j, i) padded with edge values to multiples of `PAD_MULTIPLE` (the network's strides)."""
+    k, j, i = volume.shape[2], volume.shape[3], volume.shape[4]
+    pads = [(-k) % 4, (-j) % 8, (-i) % 8]  # PAD_MULTIPLE (TorchScript reads no global tuple)
+    if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
+        volume = F.pad(volume, [0, pads[2], 0, pads[1], 0, pads[0]], mode="replicate")
+    return volume
+
+
 def _padded_size(shape: List[int]) -> List[int]:
     """The correlation grid: zero padding by half of each axis, so shifts up to that do not wrap."""
     return [n + n // 2 for n in shape]
@@ -327,14 +336,7 @@ class VoxelMorph(nn.Module):
         of a sequence is prepared once and passed as `levels(..., prepared=...)`: the same
         displacement, with the moving half of the translation and of the encoder done once."""
         moving_n = normalised(moving.float())
-        return [translation_spectra(moving_n)] + self.encoder(self._padded(moving_n))
-
-    def _padded(self, volume: torch.Tensor) -> torch.Tensor:
-        k, j, i = volume.shape[2], volume.shape[3], volume.shape[4]
-        pads = [(-k) % 4, (-j) % 8, (-i) % 8]  # PAD_MULTIPLE
-        if pads[0] > 0 or pads[1] > 0 or pads[2] > 0:
-            volume = F.pad(volume, [0, pads[2], 0, pads[1], 0, pads[0]], mode="replicate")
-        return volume
+        return [translation_spectra(moving_n)] + self.encoder(_padded(moving_n))
 
     def levels(self, fixed: torch.Tensor, moving: torch.Tensor, every_level: bool = True,
                prepared: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
@@ -344,18 +346,17 @@ class VoxelMorph(nn.Module):
         if fixed.dim() != 5 or fixed.shape[1] != 1 or fixed.shape != moving.shape:
             raise ValueError("fixed and moving must both be (batch, 1, k, j, i) with the same shape")
         k, j, i = fixed.shape[2], fixed.shape[3], fixed.shape[4]
-        pads = [(-k) % 4, (-j) % 8, (-i) % 8]  # PAD_MULTIPLE
         fixed_n = normalised(fixed.float())
+        fixed_p = _padded(fixed_n)
+        full = [fixed_p.shape[2], fixed_p.shape[3], fixed_p.shape[4]]
         batch = fixed.shape[0]
         if prepared is None:
             moving_n = normalised(moving.float())
             shift = translation(fixed_n, moving_n)
-            features = self.encoder(self._padded(torch.cat([fixed_n, moving_n], 0)))  # both through one encoder
+            features = self.encoder(torch.cat([fixed_p, _padded(moving_n)], 0))  # both through one encoder
         else:
             shift = translation(fixed_n, moving, prepared[0])  # moving's spectra: moving itself is not read
-            fixed_features = self.encoder(self._padded(fixed_n))
-            features = [torch.cat([a, b], 0) for a, b in zip(fixed_features, prepared[1:])]
-        full = [k + pads[0], j + pads[1], i + pads[2]]
+            features = [torch.cat([a, b], 0) for a, b in zip(self.encoder(fixed_p), prepared[1:])]
         out: List[torch.Tensor] = []
         logits = torch.zeros(0)
         residual = torch.zeros(0)
