@@ -152,6 +152,22 @@ def test_a_wall_that_follows_and_one_that_slides():
     assert 14.0 < np.abs(slides.displacement[..., 0]).max() <= 16.0 * 1.3
 
 
+def test_the_wall_slides_at_its_base_in_every_frame():
+    """The sliding surface moves with the tissue: a wall that breathes 3-4 mm along depth keeps all of
+    its tissue still along x, down to 1.5 mm above its base, and the liver 1.5 mm below it moves."""
+    from us3d.phantom import BreathingSettings
+
+    phantom = simulate_sequence(4, 2, breathing=BreathingSettings(amplitude=16.0))
+    labels, field = phantom.labels[3], phantom.displacement[3]
+    margin = int(np.ceil(1.5 / phantom.spacing[1]))  # voxels along depth (j)
+    wall = labels == LABELS["abdominal_wall"]
+    inside = wall[:, :-margin] & wall[:, margin:]  # still wall 1.5 mm deeper
+    below = (labels[:, margin:] == LABELS["parenchyma"]) & wall[:, :-margin]  # wall 1.5 mm higher
+    assert np.abs(field[:, :-margin][inside][:, 0]).max() < 1.0
+    assert np.abs(field[..., 1]).max() > 3.0  # the base moved along depth by more than the margin
+    assert np.abs(field[:, margin:][below][:, 0]).min() > 3.0
+
+
 def test_a_shallow_field_of_view_still_simulates():
     """Lesion and vessel depths fall back to the middle of the liver when it is too thin to draw them
     (a varied setup with fine axial spacing failed with 'high - low < 0')."""

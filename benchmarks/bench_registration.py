@@ -37,7 +37,7 @@ import torch
 from us3d import Registrar, RegistrationSettings, __version__
 from us3d.io import VolumeSequence
 from us3d.options import DEFAULT_REFINE_STEPS
-from us3d.phantom import LABELS
+from us3d.phantom import LABELS, SIMULATOR_VERSION
 from us3d.registration.fields import field_array, field_image, folding_fraction, source_inside, warp
 from us3d.registration.pairs import PairResult
 from us3d.training.registration import TEST, motion_sequences
@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Registration benchmark",
         "",
         f"Written by `python benchmarks/bench_registration.py{flag}` on {datetime.date.today().isoformat()}: "
-        f"us3d {__version__}, torch {torch.__version__}, SimpleITK {sitk.Version.VersionString()}, Python "
+        f"us3d {__version__} "
+        f"(simulator {SIMULATOR_VERSION}), torch {torch.__version__}, SimpleITK {sitk.Version.VersionString()}, Python "
         f"{platform.python_version()}, {platform.machine()}, {args.threads} CPU threads, "
         f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'} (every method on the CPU).",
         "",

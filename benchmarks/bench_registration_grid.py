@@ -26,7 +26,7 @@ import torch
 import us3d
 from us3d import __version__
 from us3d.io import VolumeSequence
-from us3d.phantom import simulate_sequence
+from us3d.phantom import SIMULATOR_VERSION, simulate_sequence
 from us3d.phantom.speckle import ImagingSetup
 from us3d.registration import pairs
 from us3d.registration.fields import field_image
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"working grid": register_all(sequence, phantom.displacement, False),
                "own grid": register_all(sequence, phantom.displacement, True)}
     lines = ["# Registration on the working grid or on the volume's own grid", "",
-             f"`python benchmarks/bench_registration_grid.py{' --tiny' if args.tiny else ''}`, us3d {__version__}, "
+             f"`python benchmarks/bench_registration_grid.py{' --tiny' if args.tiny else ''}`, us3d {__version__} "
+             f"(simulator {SIMULATOR_VERSION}), "
              f"{datetime.date.today().isoformat()}, {args.threads} CPU threads, no GPU. A simulated breathing sequence "
              f"of {frames} frames of {'x'.join(map(str, setup.shape))} voxels (k x j x i), spacing "
              f"{' x '.join(map(str, setup.spacing))} mm (i x j x k), seed {SEED}; frame 0 (exhale) registered to each "

@@ -25,7 +25,7 @@ import torch
 
 from us3d import Registrar, RegistrationSettings, __version__
 from us3d.io import VolumeSequence
-from us3d.phantom import LABELS
+from us3d.phantom import LABELS, SIMULATOR_VERSION
 from us3d.registration.refine import RefinementSettings, _gaussian
 from us3d.registration.voxelmorph import normalised, transform
 from us3d.training.registration import TEST, motion_sequences, source_inside_voxels, truth_in_voxels
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Where the registration's error lies on large motion",
         "",
-        f"`python benchmarks/diagnose_registration.py{' --quick' if args.quick else ''}`, us3d {__version__}, "
+        f"`python benchmarks/diagnose_registration.py{' --quick' if args.quick else ''}`, us3d {__version__} "
+        f"(simulator {SIMULATOR_VERSION}), "
         f"{datetime.date.today().isoformat()}, "
         f"{args.threads} CPU threads. The default registration (network + refinement) on the frames with >= "
         f"{BIG_MOTION_MM:.0f} mm of true motion of the benchmark's held-out sequences (frame 0 to each frame, as in "

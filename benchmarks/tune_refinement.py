@@ -26,6 +26,7 @@ import torch
 
 from us3d import __version__
 from us3d.models.bundle import load_model
+from us3d.phantom import SIMULATOR_VERSION
 from us3d.registration.refine import RefinementSettings, jacobian_determinant, refine
 from us3d.training.registration import VALIDATION, motion_sequences, source_inside_voxels, truth_in_voxels
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     network = load_model("voxelmorph").module
     conditions = list(TUNING)
     lines = ["# Per-pair refinement: how the defaults were chosen", "",
-             f"`python benchmarks/tune_refinement.py{' --quick' if args.quick else ''}`, us3d {__version__}, "
+             f"`python benchmarks/tune_refinement.py{' --quick' if args.quick else ''}`, us3d {__version__} "
+             f"(simulator {SIMULATOR_VERSION}), "
              f"{datetime.date.today().isoformat()}, {args.threads} CPU threads. Validation sequences only: "
              + ", ".join(f"{c} seeds {', '.join(map(str, TUNING[c][:1] if args.quick else TUNING[c]))}"
                          for c in conditions)

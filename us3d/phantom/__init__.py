@@ -20,7 +20,12 @@ from us3d.phantom.speckle import ImagingSetup, expected_bmode, form_envelope, lo
 if TYPE_CHECKING:
     from us3d.io import VolumeSequence
 
-__all__ = ["LABELS", "BreathingSettings", "ImagingSetup", "PhantomSequence", "simulate_sequence", "simulate_volume"]
+__all__ = ["LABELS", "SIMULATOR_VERSION", "BreathingSettings", "ImagingSetup", "PhantomSequence", "simulate_sequence",
+           "simulate_volume"]
+
+#: Raised whenever a seed's frames or true motion change, so that caches of simulated data are remade.
+#: 2: the abdominal wall slides at its base in the tissue, not at a fixed depth of the image.
+SIMULATOR_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -60,7 +65,8 @@ def simulate_sequence(n_frames: int = 8, seed: int = 0, setup: ImagingSetup | No
         raise ValueError("n_frames must be >= 1")
     setup = setup or ImagingSetup()
     anatomy = LiverAnatomy(setup.extent, seed)
-    motion = BreathingMotion(setup.extent, anatomy.wall_depth, seed, breathing or BreathingSettings())
+    motion = BreathingMotion(setup.extent, anatomy.wall_depth, seed, breathing or BreathingSettings(),
+                             anatomy.wall_tilt)
     generator = torch.Generator().manual_seed(seed)
 
     # Scatterers fixed to the tissue, over the field of view plus what can move into it.

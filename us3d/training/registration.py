@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from us3d import __version__
+from us3d.phantom import SIMULATOR_VERSION
 from us3d.registration.voxelmorph import VoxelMorph, normalised, transform
 from us3d.training import distributed as ddp
 
@@ -111,7 +112,8 @@ def motion_sequences(conditions: str, seeds: tuple[int, ...] | list[int], frames
         raise ValueError(f"pre-processing must be one of {', '.join(PREPROCESSING)}")
     out = []
     for seed in seeds:
-        folder = None if cache is None else cache / f"motion-{__version__}" / f"{conditions}-{seed}-{frames}"
+        folder = None if cache is None else (cache / f"motion-{__version__}-sim{SIMULATOR_VERSION}"
+                                         / f"{conditions}-{seed}-{frames}")
         arrays = _simulated(conditions, seed, frames, folder)
         if preprocessing == "none":
             frames_array = arrays["none"]
