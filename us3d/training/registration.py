@@ -422,7 +422,9 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
         f"{metadata['architecture']['estimators']}) of the share of the translation each voxel makes and of a "
         f"residual; output at half in-plane resolution, upsampled; {metadata['parameters']:,} parameters.",
         f"- **Training data**: {data['sequences']} simulated breathing sequences x {data['frames']} frames ({sets}; "
-        "`us3d.phantom.varied`: standard and varied imaging and breathing); pairs (frame t, exhale frame 0), "
+        "`us3d.phantom.varied`: standard and varied imaging and breathing"
+        f"{'; simulator version ' + str(data['simulator']) if 'simulator' in data else ''}); pairs (frame t, exhale "
+        "frame 0), "
         "flipped along i and k and transposed in-plane at random, random intensity gamma.",
         f"- **Loss**: {training['truth_weight']} x endpoint error against the simulator's true motion "
         f"(Charbonnier, mm) + {training['image_weight']} x MSE of normalised intensities (the paper's eq. 5) + "
@@ -483,7 +485,8 @@ def train_registration_model(output: str | os.PathLike, settings: RegistrationTr
     if not rank0:
         return []
     data = {"sequences": sum(len(seeds) for seeds in conditions.values()), "frames": frames,
-            "seeds": {name: f"{seeds[0]}-{seeds[-1]}" for name, seeds in conditions.items()}}
+            "seeds": {name: f"{seeds[0]}-{seeds[-1]}" for name, seeds in conditions.items()},
+            "simulator": SIMULATOR_VERSION}
     metadata = training_metadata(inputs, settings, data, wall, used.type)
     model = model.cpu()
     metadata["parameters"] = sum(p.numel() for p in model.parameters())
