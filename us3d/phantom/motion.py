@@ -102,7 +102,7 @@ class BreathingMotion:
 
     def _si(self, along: torch.Tensor, depth_factor: torch.Tensor, b: float) -> torch.Tensor:
         """SI displacement (mm, along the SI direction); `along` the coordinate along it; depth_factor =
-        gain(y) * liver(y)."""
+        gain at the current depth x liver at the reference position."""
         lateral = 1.0 + 0.08 * torch.sin(along * (2 * math.pi / (1.5 * self.extent[0])) + self.wave_phase)
         return (-b * self.amplitude_si) * depth_factor * lateral
 

@@ -424,8 +424,7 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
         f"- **Training data**: {data['sequences']} simulated breathing sequences x {data['frames']} frames ({sets}; "
         "`us3d.phantom.varied`: standard and varied imaging and breathing"
         f"{'; simulator version ' + str(data['simulator']) if 'simulator' in data else ''}); pairs (frame t, exhale "
-        "frame 0), "
-        "flipped along i and k and transposed in-plane at random, random intensity gamma.",
+        "frame 0), flipped along i and k and transposed in-plane at random, random intensity gamma.",
         f"- **Loss**: {training['truth_weight']} x endpoint error against the simulator's true motion "
         f"(Charbonnier, mm) + {training['image_weight']} x MSE of normalised intensities (the paper's eq. 5) + "
         f"{training['smoothness_weight']} x squared displacement gradient (mm/mm).",
