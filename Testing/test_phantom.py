@@ -107,13 +107,17 @@ def _warp_correlation(phantom, t):
 
 
 def test_varied_conditions_keep_the_truth_exact_in_both_orientations():
-    """Varied imaging and breathing, depth along j or i: the true field still maps frame 0 onto frame t."""
-    from us3d.phantom.varied import simulate_conditions
+    """Varied imaging and breathing, depth along j or i: the true field still maps frame 0 onto frame t;
+    `draw_conditions` says what was drawn."""
+    from us3d.phantom.varied import draw_conditions, simulate_conditions
 
     orientations = set()
     for seed in (9600, 9601, 9602, 9603):
         phantom = simulate_conditions("varied", 3, seed)
         orientations.add(phantom.depth_axis)
+        setup, _, swapped = draw_conditions("varied", seed)
+        assert phantom.depth_axis == ("i" if swapped else "j")
+        assert phantom.setup.frequency_mhz == setup.frequency_mhz
         wall = phantom.labels[0] == LABELS["abdominal_wall"]
         # the wall lies at the top of the depth axis
         axis = 1 if phantom.depth_axis == "j" else 2

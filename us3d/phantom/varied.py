@@ -7,7 +7,7 @@ dynamic range, gain, noise floor, depth attenuation with partial TGC, linear or 
 `varied_breathing` the `BreathingSettings` (SI amplitude 5-20 mm, its direction, depth dependence, breathing period,
 a wall that slides or follows). `transposed(phantom)` swaps the two in-plane axes, so that depth
 runs along i instead of j, as a volume may arrive from another scanner. `simulate_conditions`
-simulates a sequence under one of the named CONDITIONS.
+simulates a sequence under one of the named CONDITIONS, with what `draw_conditions` draws.
 """
 
 from __future__ import annotations
@@ -79,21 +79,30 @@ def transposed(phantom: PhantomSequence) -> PhantomSequence:
 CONDITIONS = ("standard", "varied", "sliding")
 
 
+def draw_conditions(conditions: str, seed: int) -> tuple[ImagingSetup | None, BreathingSettings, bool]:
+    """What `simulate_conditions` draws for `conditions` and `seed`: the imaging setup (None: the
+    standard one), the breathing settings and whether depth runs along i (the phantom transposed)."""
+    if conditions == "standard":
+        return None, BreathingSettings(), False
+    rng = np.random.default_rng([seed, 8191])
+    if conditions == "varied":
+        setup, breathing = varied_setup(rng), varied_breathing(rng)
+        return setup, breathing, bool(rng.random() < 0.5)
+    if conditions == "sliding":
+        setup = varied_setup(rng)
+        breathing = BreathingSettings(amplitude=16.0, direction_deg=0.0, sliding=True, wall_follow=0.0,
+                                      depth_gain=rng.uniform(0.0, 0.4), period=rng.uniform(7.0, 9.0))
+        return setup, breathing, False
+    raise ValueError(f"conditions must be one of {', '.join(CONDITIONS)}, not {conditions!r}")
+
+
 def simulate_conditions(conditions: str, n_frames: int, seed: int,
                         progress: Callable[[int, int], None] | None = None) -> PhantomSequence:
     """A breathing sequence under `conditions` (see CONDITIONS), drawn from `seed`."""
     from us3d.phantom import simulate_sequence
 
-    if conditions == "standard":
+    setup, breathing, swap = draw_conditions(conditions, seed)
+    if setup is None:
         return simulate_sequence(n_frames, seed, progress=progress)
-    rng = np.random.default_rng([seed, 8191])
-    if conditions == "varied":
-        setup, breathing = varied_setup(rng), varied_breathing(rng)
-        phantom = simulate_sequence(n_frames, seed, setup, breathing, progress)
-        return transposed(phantom) if rng.random() < 0.5 else phantom
-    if conditions == "sliding":
-        setup = varied_setup(rng)
-        breathing = BreathingSettings(amplitude=16.0, direction_deg=0.0, sliding=True, wall_follow=0.0,
-                                      depth_gain=rng.uniform(0.0, 0.4), period=rng.uniform(7.0, 9.0))
-        return simulate_sequence(n_frames, seed, setup, breathing, progress)
-    raise ValueError(f"conditions must be one of {', '.join(CONDITIONS)}, not {conditions!r}")
+    phantom = simulate_sequence(n_frames, seed, setup, breathing, progress)
+    return transposed(phantom) if swap else phantom
