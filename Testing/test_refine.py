@@ -201,7 +201,8 @@ def test_pair_figures_from_the_voxel_displacement_equal_itks():
 
     fixed, moving, _ = _pair()
     result = Registrar(RegistrationSettings(device="cpu", refine_steps=4)).register_pair(fixed, moving)
-    assert (result.mse_before, result.mse_after) == pytest.approx(intensity_mse(fixed, moving, result.field), rel=1e-9)
+    # the compiled warp gives ITK's resampled values to about 6e-8, float32 rounding: the MSEs agree to 1e-7
+    assert (result.mse_before, result.mse_after) == pytest.approx(intensity_mse(fixed, moving, result.field), rel=1e-7)
     np.testing.assert_allclose(sitk.GetArrayFromImage(result.warped),
                                sitk.GetArrayFromImage(warp(moving, result.field)), atol=1e-4)
     assert result.folding == folding_fraction(result.field)
