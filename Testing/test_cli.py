@@ -300,7 +300,8 @@ def test_train_register_writes_a_loadable_model_and_card(tmp_path):
     loaded = load_model(str(model))
     assert loaded.metadata["task"] == "registration" and loaded.metadata["training"]["steps"] == 2
     assert loaded.metadata["preprocessing"] == ["none"]
-    assert "endpoint error" in (tmp_path / "vm.md").read_text()
+    card = (tmp_path / "vm.md").read_text()
+    assert "endpoint error" in card and "in 1 of these 1 sequences the wall slides" in card  # the standard wall slides
     assert len((tmp_path / "vm.log.jsonl").read_text().splitlines()) == 1
 
 

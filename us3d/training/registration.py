@@ -394,9 +394,20 @@ def training_metadata(preprocessing: list[str], settings: RegistrationTrainingSe
     }
 
 
+def sliding_walls(seeds: dict[str, str]) -> tuple[int, int]:
+    """(sequences whose abdominal wall slides over the liver, sequences) for training seeds given as
+    {"conditions": "first-last"}, as a model's metadata records them."""
+    from us3d.phantom.varied import draw_conditions
+
+    drawn = [draw_conditions(conditions, seed)[1].sliding for conditions, span in seeds.items()
+             for seed in range(int(span.split("-")[0]), int(span.split("-")[1]) + 1)]
+    return sum(drawn), len(drawn)
+
+
 def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
     """Markdown model card: architecture, data, loss, run and held-out validation figures."""
     training, data = metadata["training"], metadata["training"]["data"]
+    sliding, sequences = sliding_walls(data["seeds"])
     names = {"none": "none (B-mode as acquired)", "obnlm": "OBNLM (slice-wise, M=3, alpha=1, h=0.7)",
              "unet": "the bundled unet-obnlm U-Net"}
     pre = "; ".join(names[p] for p in metadata["preprocessing"])
@@ -425,6 +436,9 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
         "`us3d.phantom.varied`: standard and varied imaging and breathing"
         f"{'; simulator version ' + str(data['simulator']) if 'simulator' in data else ''}); pairs (frame t, exhale "
         "frame 0), flipped along i and k and transposed in-plane at random, random intensity gamma.",
+        f"- **Abdominal wall**: in {sliding} of these {sequences} sequences the wall slides over the liver, in the "
+        "others it moves with it; the error in the wall, sequence by sequence, for walls of both kinds: "
+        "`python benchmarks/diagnose_registration.py`.",
         f"- **Loss**: {training['truth_weight']} x endpoint error against the simulator's true motion "
         f"(Charbonnier, mm) + {training['image_weight']} x MSE of normalised intensities (the paper's eq. 5) + "
         f"{training['smoothness_weight']} x squared displacement gradient (mm/mm).",
