@@ -13,7 +13,7 @@ guess of whether the wall follows the liver: how far the wall truly moves agains
 error in the wall of the rigid step, the network alone and the default. Nothing is tuned here: the
 settings are the defaults.
 
-    python benchmarks/diagnose_registration.py      # about 3 min on 2 cores
+    python benchmarks/diagnose_registration.py      # about 1 min on 2 cores (cached sequences)
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from us3d.io import VolumeSequence
 from us3d.phantom import LABELS, SIMULATOR_VERSION
 from us3d.registration.refine import RefinementSettings, _gaussian
 from us3d.registration.voxelmorph import normalised, transform
-from us3d.phantom.varied import draw_conditions
-from us3d.training.registration import (TEST, TRAINING, motion_sequences, source_inside_voxels,
+from us3d.training.registration import (TEST, TRAINING, motion_sequences, sliding_walls, source_inside_voxels,
                                         truth_in_voxels)
 
 BIG_MOTION_MM = 9.0
@@ -47,48 +46,32 @@ def mismatch(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tens
     return (smooth_fixed - transform(smooth_moving, displacement)).pow(2)[0, 0]
 
 
-def wall_by_sequence(registrars: dict[str, Registrar], sequence) -> dict:
-    """On one sequence's frames with >= BIG_MOTION_MM of true motion: the wall's mean true motion as a
-    share of the liver's (1: it follows, 0: it stays) and each registrar's mean EPE (mm) in the wall."""
-    images = VolumeSequence(np.asarray(sequence.frames, dtype=np.float32), sequence.spacing)
-    spacing = (sequence.spacing[2], sequence.spacing[1], sequence.spacing[0])
-    to_mm = torch.tensor(spacing).view(1, 3, 1, 1, 1)
-    follow, errors = [], {name: [] for name in registrars}
-    for t in range(1, len(sequence.frames)):
-        true_mm = sequence.true_field(t)
-        if float(np.linalg.norm(true_mm, axis=-1).max()) < BIG_MOTION_MM:
-            continue
-        truth = torch.from_numpy(truth_in_voxels(true_mm, sequence.spacing))[None]
-        inside = source_inside_voxels(truth)[0, 0]
-        labels = torch.from_numpy(np.asarray(sequence.labels[t]))
-        wall, liver = (labels == LABELS["abdominal_wall"]) & inside, (labels == LABELS["parenchyma"]) & inside
-        if not wall.any():
-            continue
-        motion = torch.from_numpy(np.linalg.norm(true_mm, axis=-1))
-        follow.append(float(motion[wall].mean() / motion[liver].mean()))
-        for name, registrar in registrars.items():
-            estimate = registrar.displacement(images.frame_image(t), images.frame_image(0)).cpu()
-            errors[name].append(float(((estimate - truth) * to_mm).pow(2).sum(1).sqrt()[0][wall].mean()))
-    return {"pairs": len(follow), "follow": float(np.mean(follow)) if follow else float("nan")} | \
-        {name: float(np.mean(values)) if values else float("nan") for name, values in errors.items()}
-
-
-def diagnose(registrar: Registrar, conditions: str, seeds, cache: Path) -> dict:
-    rows = []
+def diagnose(registrars: dict[str, Registrar], conditions: str, seeds, cache: Path) -> tuple[dict, list]:
+    """On the frames with >= BIG_MOTION_MM of true motion of the sequences of `conditions`: the default
+    registration's (`registrars["default"]`) error and mismatch, in and out of the wall, over the set;
+    and per sequence, (name, the wall's mean true motion as a share of the liver's (1: it follows, 0:
+    it stays) and each registrar's mean EPE (mm) in the wall)."""
+    rows, walls = [], []
     for sequence in motion_sequences(conditions, seeds, 8, "none", cache):
         spacing = (sequence.spacing[2], sequence.spacing[1], sequence.spacing[0])
         to_mm = torch.tensor(spacing).view(1, 3, 1, 1, 1)
         images = VolumeSequence(np.asarray(sequence.frames, dtype=np.float32), sequence.spacing)
         moving_image = images.frame_image(0)
         moving = torch.from_numpy(sequence.frame(0))[None, None]
+        follow, wall_errors = [], {name: [] for name in registrars}
         for t in range(1, len(sequence.frames)):
-            if float(np.linalg.norm(sequence.true_field(t), axis=-1).max()) < BIG_MOTION_MM:
+            true_mm = sequence.true_field(t)
+            motion = np.linalg.norm(true_mm, axis=-1)
+            if float(motion.max()) < BIG_MOTION_MM:
                 continue
             fixed = torch.from_numpy(sequence.frame(t))[None, None]
-            estimate = registrar.displacement(images.frame_image(t), moving_image).cpu()
-            truth = torch.from_numpy(truth_in_voxels(sequence.true_field(t), sequence.spacing))[None]
+            estimates = {name: registrar.displacement(images.frame_image(t), moving_image).cpu()
+                         for name, registrar in registrars.items()}
+            estimate = estimates["default"]
+            truth = torch.from_numpy(truth_in_voxels(true_mm, sequence.spacing))[None]
             inside = source_inside_voxels(truth)[0, 0]
-            wall = torch.from_numpy(np.asarray(sequence.labels[t]) == LABELS["abdominal_wall"]) & inside
+            labels = torch.from_numpy(np.asarray(sequence.labels[t]))
+            wall = (labels == LABELS["abdominal_wall"]) & inside
             rest = inside & ~wall
             error = ((estimate - truth) * to_mm).pow(2).sum(1).sqrt()[0]
             worst = error >= torch.quantile(error[inside], 0.95)
@@ -101,10 +84,20 @@ def diagnose(registrar: Registrar, conditions: str, seeds, cache: Path) -> dict:
                 "truth_wall": float(at_truth[wall].mean()) if wall.any() else float("nan"),
                 "estimate_wall": float(at_estimate[wall].mean()) if wall.any() else float("nan"),
                 "truth_rest": float(at_truth[rest].mean()), "estimate_rest": float(at_estimate[rest].mean())})
+            if wall.any():
+                liver = (labels == LABELS["parenchyma"]) & inside
+                motion = torch.from_numpy(motion)
+                follow.append(float(motion[wall].mean() / motion[liver].mean()))
+                for name, field in estimates.items():
+                    wall_errors[name].append(float(((field - truth) * to_mm).pow(2).sum(1).sqrt()[0][wall].mean()))
+        if follow:
+            walls.append((sequence.name, {"pairs": len(follow), "follow": float(np.mean(follow))}
+                          | {name: float(np.mean(values)) for name, values in wall_errors.items()}))
     keys = ("epe", "rest", "wall", "wall_share", "worst_in_wall", "truth_wall", "estimate_wall", "truth_rest",
             "estimate_rest")
-    return {key: float(np.nanmean([r[key] for r in rows])) if rows else float("nan") for key in keys} | \
+    summary = {key: float(np.nanmean([r[key] for r in rows])) if rows else float("nan") for key in keys} | \
         {"pairs": len(rows)}
+    return summary, walls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,15 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS-registration-diagnosis.md")))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    registrar = Registrar(RegistrationSettings(device="cpu"))
-    results = {c: diagnose(registrar, c, TEST[c][:1] if args.quick else TEST[c], Path(args.cache))
-               for c in ("standard", "varied", "sliding")}
     methods = {"rigid only": Registrar(RegistrationSettings(method="translation", refine_steps=0, device="cpu")),
                "network only": Registrar(RegistrationSettings(refine_steps=0, device="cpu")),
-               "default": registrar}
-    walls = [(sequence.name, wall_by_sequence(methods, sequence))
-             for c in ("standard", "varied", "sliding")
-             for sequence in motion_sequences(c, TEST[c][:1] if args.quick else TEST[c], 8, "none", Path(args.cache))]
+               "default": Registrar(RegistrationSettings(device="cpu"))}
+    results, walls = {}, []
+    for c in ("standard", "varied", "sliding"):
+        results[c], rows = diagnose(methods, c, TEST[c][:1] if args.quick else TEST[c], Path(args.cache))
+        walls += rows
     lines = [
         "# Where the registration's error lies on large motion",
         "",
@@ -158,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|" + "---|" * len(methods),
     ]
     for name, r in walls:
-        if r["pairs"]:
-            lines.append(f"| {name} | {r['pairs']} | {r['follow']:.2f} | "
-                         + " | ".join(f"{r[m]:.2f}" for m in methods) + " |")
-    sliding = {c: sum(draw_conditions(c, seed)[1].sliding for seed in seeds) for c, seeds in TRAINING.items()}
+        lines.append(f"| {name} | {r['pairs']} | {r['follow']:.2f} | "
+                     + " | ".join(f"{r[m]:.2f}" for m in methods) + " |")
+    sliding = sliding_walls(TRAINING)
     lines += ["", "The network's training sequences with a sliding wall (`us3d.phantom.varied.draw_conditions`): "
               + ", ".join(f"{c} {sliding[c]} of {len(TRAINING[c])}" for c in TRAINING)
               + f"; {sum(sliding.values())} of {sum(len(seeds) for seeds in TRAINING.values())} in all."]

@@ -102,7 +102,5 @@ def simulate_conditions(conditions: str, n_frames: int, seed: int,
     from us3d.phantom import simulate_sequence
 
     setup, breathing, swap = draw_conditions(conditions, seed)
-    if setup is None:
-        return simulate_sequence(n_frames, seed, progress=progress)
     phantom = simulate_sequence(n_frames, seed, setup, breathing, progress)
     return transposed(phantom) if swap else phantom

@@ -29,7 +29,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -394,20 +394,22 @@ def training_metadata(preprocessing: list[str], settings: RegistrationTrainingSe
     }
 
 
-def sliding_walls(seeds: dict[str, str]) -> tuple[int, int]:
-    """(sequences whose abdominal wall slides over the liver, sequences) for training seeds given as
-    {"conditions": "first-last"}, as a model's metadata records them."""
+def sliding_walls(seeds: dict[str, Iterable[int]]) -> dict[str, int]:
+    """Per conditions, how many of its sequences (seeds) have an abdominal wall that slides over the
+    liver (`us3d.phantom.varied.draw_conditions`) rather than moving with it."""
     from us3d.phantom.varied import draw_conditions
 
-    drawn = [draw_conditions(conditions, seed)[1].sliding for conditions, span in seeds.items()
-             for seed in range(int(span.split("-")[0]), int(span.split("-")[1]) + 1)]
-    return sum(drawn), len(drawn)
+    return {conditions: sum(draw_conditions(conditions, seed)[1].sliding for seed in group)
+            for conditions, group in seeds.items()}
 
 
 def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
     """Markdown model card: architecture, data, loss, run and held-out validation figures."""
     training, data = metadata["training"], metadata["training"]["data"]
-    sliding, sequences = sliding_walls(data["seeds"])
+    # the metadata records each condition's seeds as "first-last"
+    spans = {conditions: range(int(span.split("-")[0]), int(span.split("-")[1]) + 1)
+             for conditions, span in data["seeds"].items()}
+    sliding, sequences = sum(sliding_walls(spans).values()), sum(len(group) for group in spans.values())
     names = {"none": "none (B-mode as acquired)", "obnlm": "OBNLM (slice-wise, M=3, alpha=1, h=0.7)",
              "unet": "the bundled unet-obnlm U-Net"}
     pre = "; ".join(names[p] for p in metadata["preprocessing"])
