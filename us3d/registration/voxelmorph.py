@@ -72,11 +72,16 @@ def _correlate(a: torch.Tensor, b: torch.Tensor, size: List[int]) -> torch.Tenso
     return torch.fft.irfftn(spectrum, s=size, dim=dims)[:, 0]
 
 
-def _detail(volume: torch.Tensor, reduce: List[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _detail(volume: torch.Tensor, reduce: List[int],
+            data: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(the volume reduced by `reduce`, its smooth trend removed, zero where it has no data; that mask):
-    voxels at the volume's minimum over a whole block carry no data."""
-    low = volume.flatten(1).min(1)[0].view(-1, 1, 1, 1, 1)
-    mask = (F.avg_pool3d((volume - low).abs().float(), reduce, ceil_mode=True) > 1e-6).float()
+    voxels at the volume's minimum over a whole block carry no data; with `data` (b, 1, k, j, i), 1
+    where a voxel has data, only blocks wholly inside it do."""
+    if data is None:
+        low = volume.flatten(1).min(1)[0].view(-1, 1, 1, 1, 1)
+        mask = (F.avg_pool3d((volume - low).abs().float(), reduce, ceil_mode=True) > 1e-6).float()
+    else:
+        mask = (F.avg_pool3d(data.float(), reduce, ceil_mode=True) > 0.999).float()
     pooled = F.avg_pool3d(volume.float(), reduce, ceil_mode=True)
     trend = _blur(pooled * mask, 3.0) / _blur(mask, 3.0).clamp(min=1e-6)
     return (pooled - trend) * mask, mask
@@ -101,6 +106,11 @@ def translation_spectra(volume: torch.Tensor, factor: int = 2) -> torch.Tensor:
     and the detail squared, at 1/`factor` in-plane resolution): a moving volume registered to
     many frames needs them once."""
     detail, mask = _detail(volume, [1, factor, factor])
+    return detail_spectra(detail, mask)
+
+
+def detail_spectra(detail: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`translation_spectra` from a volume's detail and mask as `_detail` makes them."""
     size = _padded_size([detail.shape[2], detail.shape[3], detail.shape[4]])
     return torch.fft.rfftn(torch.cat([mask, detail, detail * detail], 1), s=size, dim=[2, 3, 4])
 
@@ -118,16 +128,22 @@ def coarse_translation(fixed: torch.Tensor, moving: torch.Tensor, factor: int = 
     """
     reduce = [1, factor, factor]
     f, mf = _detail(fixed, reduce)
-    shape = [f.shape[2], f.shape[3], f.shape[4]]
+    right = translation_spectra(moving, factor) if moving_spectra is None else moving_spectra
+    return detail_translation(f, mf, right, reduce, min_overlap)
+
+
+def detail_translation(detail: torch.Tensor, mask: torch.Tensor, moving_spectra: torch.Tensor, reduce: List[int],
+                       min_overlap: float = 0.3) -> torch.Tensor:
+    """(b, 3) shift in voxels of the input grid (`coarse_translation`'s core), from the fixed side's
+    detail and data mask ((b, 1, k, j, i), reduced by `reduce`, as `_detail` makes them) and the moving
+    side's `translation_spectra` on the same reduced grid."""
+    shape = [detail.shape[2], detail.shape[3], detail.shape[4]]
     size = _padded_size(shape)
     dims = [2, 3, 4]
     # the transforms of the three fixed-side and three moving-side terms, then six pairwise products:
     # (mask, mask), (f, mask), (mask, m), (f, m), (f^2, mask), (mask, m^2)
-    left = torch.conj(torch.fft.rfftn(torch.cat([mf, f, f * f], 1), s=size, dim=dims))
-    if moving_spectra is None:
-        right = translation_spectra(moving, factor)
-    else:
-        right = moving_spectra
+    left = torch.conj(torch.fft.rfftn(torch.cat([mask, detail, detail * detail], 1), s=size, dim=dims))
+    right = moving_spectra
     products = [left[:, a] * right[:, b] for a, b in ((0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (0, 2))]
     sums = torch.fft.irfftn(torch.stack(products, 1), s=size, dim=dims)
     count, sum_f, sum_m = sums[:, 0], sums[:, 1], sums[:, 2]
@@ -139,7 +155,7 @@ def coarse_translation(fixed: torch.Tensor, moving: torch.Tensor, factor: int = 
     score = numerator / torch.sqrt((var_f * var_m).clamp(min=1e-12))
     allowed = count > min_overlap * float(shape[0] * shape[1] * shape[2])
     for axis in range(3):
-        index = torch.arange(size[axis], device=fixed.device)
+        index = torch.arange(size[axis], device=detail.device)
         near = (index <= shape[axis] // 2) | (index >= size[axis] - shape[axis] // 2)
         view = [1, 1, 1, 1]
         view[axis + 1] = size[axis]
