@@ -5,7 +5,9 @@ seeds 9200-9201 and varied 9210-9213, as in the VoxelMorph model card, plus slid
 which no benchmark uses), never on the benchmark's test seeds: 8 frames each, frame 0 to frames 1-7.
 For each: mean endpoint error (mm, over voxels whose true source is inside the moving volume) overall,
 worst pair and per condition, mean p95, the worst pair's folding (voxels with det J <= 0, as ITK
-computes it) and the median time per pair. Each variant changes the previous default
+computes it) and the median time per pair. These are `refine`'s settings alone, from the network's
+field: without the depth-band translations (`us3d.registration.layers`) that `Registrar` runs first.
+Each variant changes the previous default
 (`RefinementSettings`) as listed; the last row is today's default. A second table changes one
 setting of today's default at a time, rechecked once the simulator's sliding wall was fixed.
 

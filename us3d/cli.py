@@ -495,7 +495,8 @@ def _registration_options(p: argparse.ArgumentParser) -> None:
                         "FFT translation, then the same refinement (no network); demons: multi-resolution "
                         "SimpleITK demons (default voxelmorph)")
     p.add_argument("--refine-steps", type=_non_negative_int, default=DEFAULT_REFINE_STEPS,
-                   help="Adam steps of per-pair refinement after the network or translation; 0 gives the pure "
+                   help="Adam steps of per-pair refinement after the network or translation (after each depth "
+                        "band's own translation where it matches better); 0 gives the pure "
                         f"network, as in the paper (default {DEFAULT_REFINE_STEPS})")
     p.add_argument("--preprocessing", "--despeckle", dest="preprocessing", choices=REGISTRATION_PREPROCESSING,
                    default="none", help="pre-process both volumes before registering: gaussian (sigma 1 voxel), "

@@ -52,8 +52,10 @@ class RegistrationSettings:
         refinement) or "demons" (SimpleITK).
     preprocessing : "none", "gaussian" (sigma 1 voxel), "obnlm" (slice-wise, M=3, alpha=1, h=0.7)
         or "unet" (the U-Net `unet_model`), applied to both volumes before registering.
-    refine_steps : Adam steps of per-pair refinement after the network or the translation; 0 gives
-        the pure network (the paper's VoxelMorph) or the translation alone.
+    refine_steps : Adam steps of per-pair refinement after the network or the translation, which
+        first takes each depth band's own translation where it matches better
+        (`us3d.registration.layers`); 0 gives the pure network (the paper's VoxelMorph) or the
+        translation alone.
     device : "auto", "cpu" or "cuda".
     model : VoxelMorph model, a bundled name or a .pt file (None: the bundled `voxelmorph`).
     unet_model : the U-Net used when `preprocessing` is "unet".
@@ -274,6 +276,7 @@ class Registrar:
         (on the fixed grid) onto `fixed`; `initial` replaces the network's or translation's start
         (e.g. the previous frame's displacement); `prepared`: `prepare_moving(moving)`, the same
         result with less work. Not for demons."""
+        from us3d.registration.layers import with_layer_translations
         from us3d.registration.refine import RefinementSettings, refine, resample_displacement
         from us3d.registration.voxelmorph import normalised, translation
 
@@ -294,6 +297,9 @@ class Registrar:
         if cancel is not None and cancel():
             raise Cancelled()
         if self.settings.refine_steps > 0:
+            if initial is None:  # layers that slide over each other: each depth band's own translation
+                with torch.inference_mode():
+                    start = with_layer_translations(fixed_t, moving_t, start, spacing)
             with torch.enable_grad():
                 start = refine(fixed_t, moving_t, start.clone(), spacing,
                                RefinementSettings(steps=self.settings.refine_steps)).detach()

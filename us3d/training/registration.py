@@ -424,7 +424,8 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
         f"blurred by a Gaussian of 0.5-1.5 voxels): {pre}; the same pre-processing is applied to fixed and "
         "moving volumes before the model.",
         f"- **Output**: {metadata['output']}; `us3d register` turns it into an ITK displacement field (LPS, mm), "
-        "and by default refines it per pair (`us3d.registration.refine`).",
+        "and by default corrects it with each depth band's own translation where that matches better "
+        "(`us3d.registration.layers`), then refines it per pair (`us3d.registration.refine`).",
         f"- **Architecture** (`us3d.registration.voxelmorph.VoxelMorph`): the FFT translation of the volumes is "
         "the first estimate; a shared encoder (widths "
         f"{metadata['architecture']['encoder']}, three levels down to 1/8 in-plane and 1/4 in elevation) gives "

@@ -1,0 +1,167 @@
+"""Translations of depth bands: a second guess for layers that slide over each other.
+
+Under the skin, the abdominal wall slides over the liver capsule, or moves with the liver, from one
+breath to the next. The wall is layered along the probe's lateral axis, the axis it slides along, so
+its motion shows only in its speckle, at full resolution; a network's coarse levels do not see it and
+fall back on what their training data made likely. This module gives a second estimate that does
+look: each band of depth (3 mm thick) is registered by its own FFT translation, and each voxel takes
+that band's shift where it leaves a clearly smaller local squared difference of the volumes than the
+estimate it had. The refinement (`us3d.registration.refine`) then starts from the result.
+
+Only voxels with data count: outside a sector scan a B-mode volume is empty, and that empty region
+does not move with the tissue, so an edge of it would pull every shift near a sector's apex to zero.
+
+The depth axis is the in-plane axis along which speckle decorrelates faster: ultrasound's axial
+resolution is finer than its lateral one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from us3d.registration import separable
+from us3d.registration.refine import unfold
+from us3d.registration.voxelmorph import _detail, detail_spectra, detail_translation, normalised, transform
+
+
+def depth_axis(volume: torch.Tensor, spacing: tuple[float, float, float], lag_mm: float = 0.6) -> int:
+    """The dimension of a (b, c, k, j, i) `volume` that runs along depth: 3 (j) or 4 (i).
+
+    Parameters
+    ----------
+    volume : B-mode volume, (b, c, k, j, i); only the first volume and channel are read.
+    spacing : voxel spacing (k, j, i), mm.
+    lag_mm : the speckle's correlation is compared at this lag, mm, along j and along i.
+    """
+    sample = volume[0, 0, ::max(1, volume.shape[2] // 8)]  # about 8 slices are plenty, and 4x faster
+    data = sample.float()
+    data = data - data.mean()
+    floor = sample.min()
+    correlations = []
+    for dim, step in ((1, spacing[1]), (2, spacing[2])):
+        lag = max(1, int(round(lag_mm / step)))
+        n = data.shape[dim]
+        a, b = data.narrow(dim, 0, n - lag), data.narrow(dim, lag, n - lag)
+        raw_a, raw_b = sample.narrow(dim, 0, n - lag), sample.narrow(dim, lag, n - lag)
+        inside = (raw_a > floor) & (raw_b > floor)  # outside a sector scan carries no speckle
+        a, b = a[inside] - a[inside].mean(), b[inside] - b[inside].mean()
+        correlations.append(float((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt().clamp(min=1e-12)))
+    return 3 if correlations[0] < correlations[1] else 4
+
+
+def data_mask(volume: torch.Tensor) -> torch.Tensor:
+    """(b, 1, k, j, i) float mask of the voxels of a B-mode `volume` (b, 1, k, j, i) that carry data: not at
+    the volume's minimum (outside a sector scan), with single dark voxels of speckle filled in and
+    the edge of the data pulled in by one voxel in-plane, where blurred tissue meets the empty region."""
+    low = volume.flatten(1).min(1)[0].view(-1, 1, 1, 1, 1)
+    filled = _dilated(volume > low, 1)
+    return (~_dilated(~filled, 2)).to(volume.dtype)
+
+
+def _dilated(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """A boolean (b, c, k, j, i) mask grown by `radius` voxels along j and i (a square in-plane)."""
+    for dim in (3, 4):
+        grown = mask.clone()
+        n = mask.shape[dim]
+        for step in range(1, min(radius, n - 1) + 1):
+            grown.narrow(dim, step, n - step).logical_or_(mask.narrow(dim, 0, n - step))
+            grown.narrow(dim, 0, n - step).logical_or_(mask.narrow(dim, step, n - step))
+        mask = grown
+    return mask
+
+
+def band_translations(fixed: torch.Tensor, moving: torch.Tensor, axis: int, spacing: tuple[float, float, float],
+                      band_mm: float = 3.0, slab_mm: float = 10.0,
+                      fixed_data: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Each depth band's own translation.
+
+    The slabs are cut from the volumes' detail (`translation`'s masked, overlap-normalised
+    cross-correlation) at half resolution along every axis, only blocks wholly inside the data
+    (`data_mask`) counting, and registered one by one.
+
+    Parameters
+    ----------
+    fixed, moving : volumes (1, 1, k, j, i) on one grid.
+    axis : the depth dimension, 3 (j) or 4 (i) (`depth_axis`).
+    spacing : voxel spacing (k, j, i), mm.
+    band_mm, slab_mm : thickness of a band and of the slab around it that is registered, mm.
+    fixed_data : `data_mask(fixed)`, when already made.
+
+    Returns
+    -------
+    displacement : (1, 3, k, j, i) voxels, channels (k, j, i), constant in each band of about `band_mm`
+        along `axis`: the shift of the slab of about `slab_mm` centred on the band.
+    bands : (start, stop) voxels of each band along `axis`.
+    """
+    reduce = [2, 2, 2]  # no worse than (1, 2, 2) on the validation seeds, in half the time
+    f, fixed_mask = _detail(fixed, reduce, data_mask(fixed) if fixed_data is None else fixed_data)
+    m, moving_mask = _detail(moving, reduce, data_mask(moving))
+    n = f.shape[axis]
+    step_mm = reduce[axis - 2] * spacing[axis - 2]  # on the reduced grid
+    band = max(2, int(round(band_mm / step_mm)))
+    slab = min(n, max(band, int(round(slab_mm / step_mm))))
+    starts = list(range(0, n, band))
+    lows = [max(0, min(n - slab, start + band // 2 - slab // 2)) for start in starts]
+
+    def slabs(volume: torch.Tensor) -> torch.Tensor:
+        return torch.cat([volume.narrow(axis, low, slab) for low in lows])
+
+    moving_spectra = detail_spectra(slabs(m), slabs(moving_mask))
+    fixed_slabs, fixed_masks, moving_masks = slabs(f), slabs(fixed_mask), slabs(moving_mask)
+    shifts = []
+    for s in range(len(lows)):  # one slab at a time: torch's batched inverse FFT is slower here
+        # a shift must overlap 30% of the data, not of the slab: near a sector's apex little of it has any
+        data = min(float(fixed_masks[s].mean()), float(moving_masks[s].mean()))
+        shifts.append(detail_translation(fixed_slabs[s:s + 1], fixed_masks[s:s + 1], moving_spectra[s:s + 1], reduce,
+                                         0.3 * data)[0])
+    out = torch.empty((1, 3) + tuple(fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device)
+    full, factor = fixed.shape[axis], reduce[axis - 2]
+    bands = [(factor * start, min(full, factor * (start + band))) for start in starts]
+    for (begin, stop), shift in zip(bands, shifts):
+        out.narrow(axis, begin, stop - begin).copy_(shift.view(1, 3, 1, 1, 1).expand_as(out.narrow(axis, begin, stop - begin)))
+    return out, bands
+
+
+def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor,
+                            spacing: tuple[float, float, float], axis: int | None = None, sigma: float = 3.0,
+                            margin: float = 0.1, blend: float = 3.0, band_mm: float = 3.0,
+                            slab_mm: float = 10.0) -> torch.Tensor:
+    """`displacement` with each voxel's shift replaced by its depth band's translation
+    (`band_translations`) where that matches better. A new tensor.
+
+    The local squared difference of the normalised volumes (Gaussian-weighted over the fixed volume's
+    data) decides: a band's shift is taken where it is at least `margin` smaller than with
+    `displacement`, and only in bands where it is smaller over the band as a whole. The choice is
+    blended over `blend` voxels, and folds the blend makes where it changes across the lateral axes
+    are smoothed away (`us3d.registration.refine.unfold`).
+
+    Parameters
+    ----------
+    fixed, moving : volumes (1, 1, k, j, i) on one grid, as registered.
+    displacement : (1, 3, k, j, i) the estimate so far, voxels, channels (k, j, i): moving(x + u(x))
+        matches fixed(x).
+    spacing : voxel spacing (k, j, i), mm.
+    axis : the depth dimension, 3 (j) or 4 (i); None finds it (`depth_axis`).
+    sigma : Gaussian sigma (voxels) of the local squared difference.
+    margin : relative improvement of the local squared difference a band's shift needs to be taken.
+    blend : Gaussian sigma (voxels) over which the choice is blended.
+    band_mm, slab_mm : see `band_translations`.
+    """
+    axis = depth_axis(fixed, spacing) if axis is None else axis
+    fixed_n, moving_n = normalised(fixed), normalised(moving)
+    inside = data_mask(fixed)  # the squared difference is averaged over the fixed volume's data only
+    candidate, bands = band_translations(fixed_n, moving_n, axis, spacing, band_mm, slab_mm, inside)
+    weight_sum = separable.gaussian(inside, sigma, True).clamp(min=1e-6)
+
+    def local_difference(field: torch.Tensor) -> torch.Tensor:
+        return separable.gaussian(inside * (fixed_n - transform(moving_n, field)).pow(2), sigma, True) / weight_sum
+
+    with_candidate, with_estimate = local_difference(candidate), local_difference(displacement)
+    better = (with_candidate < (1.0 - margin) * with_estimate).to(displacement.dtype)
+    for begin, stop in bands:  # a band's shift must match better over the band as a whole
+        if float(with_candidate.narrow(axis, begin, stop - begin).mean()) >= \
+                float(with_estimate.narrow(axis, begin, stop - begin).mean()):
+            better.narrow(axis, begin, stop - begin).zero_()
+    weight = separable.gaussian(better, blend, True)
+    # where the choice changes across the lateral axes the blend can fold: smoothed away there only
+    return unfold(displacement * (1.0 - weight) + candidate * weight)
