@@ -132,8 +132,8 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
     The local squared difference of the normalised volumes (Gaussian-weighted over the fixed volume's
     data) decides: a band's shift is taken where it is at least `margin` smaller than with
     `displacement`, and only in bands where it is smaller over the band as a whole. The choice is
-    blended over `blend` voxels, and folds the blend makes where it changes across the lateral axes
-    are smoothed away (`us3d.registration.refine.unfold`).
+    blended over `blend` voxels along depth and more widely across it where the shifts differ much
+    (`_blend_widths`); folds that remain are smoothed away (`us3d.registration.refine.unfold`).
 
     Parameters
     ----------
@@ -144,7 +144,7 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
     axis : the depth dimension, 3 (j) or 4 (i); None finds it (`depth_axis`).
     sigma : Gaussian sigma (voxels) of the local squared difference.
     margin : relative improvement of the local squared difference a band's shift needs to be taken.
-    blend : Gaussian sigma (voxels) over which the choice is blended.
+    blend : Gaussian sigma (voxels) over which the choice is blended along depth, and at least across it.
     band_mm, slab_mm : see `band_translations`.
     """
     axis = depth_axis(fixed, spacing) if axis is None else axis
@@ -162,6 +162,25 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
         if float(with_candidate.narrow(axis, begin, stop - begin).mean()) >= \
                 float(with_estimate.narrow(axis, begin, stop - begin).mean()):
             better.narrow(axis, begin, stop - begin).zero_()
-    weight = separable.gaussian(better, blend, True)
-    # where the choice changes across the lateral axes the blend can fold: smoothed away there only
+    weight = separable.apply(better, [separable.gaussian_matrix(better.shape[2 + a], width, better, True)
+                                      for a, width in enumerate(_blend_widths(candidate - displacement, better, axis, blend))])
+    # folds the blend still makes are smoothed away there only
     return unfold(displacement * (1.0 - weight) + candidate * weight)
+
+
+def _blend_widths(jump: torch.Tensor, taken: torch.Tensor, axis: int, blend: float) -> list[float]:
+    """Gaussian sigmas (k, j, i), voxels, over which the choice `taken` (1, 1, k, j, i) is blended: `blend`
+    along depth, where the wall slides past the liver (a shear, which does not fold), and along the
+    other axes at least half the largest jump of the displacement along that axis (its 99th
+    percentile where taken; `jump`: candidate minus estimate, (1, 3, k, j, i)): a step blurred by sigma
+    rises by at most 0.4 / sigma a voxel, so the blend itself then compresses the field by less than 1."""
+    chosen = taken[0, 0] > 0
+    count = int(chosen.sum())
+    widths = []
+    for a in range(3):
+        if a + 2 == axis or count == 0:
+            widths.append(blend)
+            continue
+        values = jump[0, a][chosen].abs()
+        widths.append(max(blend, 0.5 * float(values.kthvalue(max(1, int(0.99 * count))).values)))
+    return widths
