@@ -10,6 +10,12 @@ from us3d.registration.layers import band_translations, data_mask, depth_axis, w
 from us3d.registration.voxelmorph import transform
 
 
+def _texture(shape, seed, sigma=1.0):
+    rng = np.random.default_rng(seed)
+    noise = sitk.GetImageFromArray(rng.normal(size=shape).astype(np.float32))
+    return torch.from_numpy(sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, sigma)))[None, None]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_depth_axis_is_where_speckle_decorrelates_faster(seed):
     """Simulated B-mode (depth along j) and the same volume with j and i swapped (depth along i)."""
@@ -28,9 +34,7 @@ def test_the_depth_axis_is_where_speckle_decorrelates_faster(seed):
 def test_a_layer_that_stays_while_the_tissue_below_moves():
     """The top 20 voxels along depth (j) stay, the rest moves 5 voxels along i; an estimate that moves
     everything (a guess that the layer follows) is corrected in the layer and kept below it."""
-    rng = np.random.default_rng(4)
-    texture = sitk.GetImageFromArray(rng.normal(size=(16, 96, 64)).astype(np.float32))
-    moving = torch.from_numpy(sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(texture, 1.0)))[None, None]
+    moving = _texture((16, 96, 64), 4)
     truth = torch.zeros(1, 3, 16, 96, 64)
     truth[:, 2, :, 20:] = 5.0
     fixed = transform(moving, truth)
@@ -46,12 +50,6 @@ def test_a_layer_that_stays_while_the_tissue_below_moves():
     assert error(found, layer) < 1.0
     assert error(found, below) < 0.2
     assert not torch.equal(found, guess) and torch.equal(guess[:, 2], torch.full_like(guess[:, 2], 5.0))
-
-
-def _texture(shape, seed, sigma=1.0):
-    rng = np.random.default_rng(seed)
-    noise = sitk.GetImageFromArray(rng.normal(size=shape).astype(np.float32))
-    return torch.from_numpy(sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, sigma)))[None, None]
 
 
 def test_the_data_mask_fills_dark_speckle_and_leaves_out_the_sector_edge():

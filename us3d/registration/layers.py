@@ -106,8 +106,8 @@ def band_translations(fixed: torch.Tensor, moving: torch.Tensor, axis: int, spac
     def slabs(volume: torch.Tensor) -> torch.Tensor:
         return torch.cat([volume.narrow(axis, low, slab) for low in lows])
 
-    moving_spectra = detail_spectra(slabs(m), slabs(moving_mask))
     fixed_slabs, fixed_masks, moving_masks = slabs(f), slabs(fixed_mask), slabs(moving_mask)
+    moving_spectra = detail_spectra(slabs(m), moving_masks)
     shifts = []
     for s in range(len(lows)):  # one slab at a time: torch's batched inverse FFT is slower here
         # a shift must overlap 30% of the data, not of the slab: near a sector's apex little of it has any
