@@ -244,3 +244,19 @@ def test_the_compiled_cost_volume_equals_torch():
         compiled = correlation(fixed, moving, [1, 2, 3])
     reference = correlation(fixed.requires_grad_(True), moving, [1, 2, 3])  # autograd: the torch loop
     np.testing.assert_allclose(compiled.numpy(), reference.detach().numpy(), atol=1e-6)
+
+
+def test_the_compiled_spatial_transformer_equals_grid_sample():
+    """On the CPU without gradients `transform` runs a compiled kernel: grid_sample's values (border
+    padding) for a volume and for channels-last features, with displacements that leave the grid;
+    the result keeps the input's memory layout."""
+    generator = torch.Generator().manual_seed(4)
+    for channels, layout in ((1, torch.contiguous_format), (3, torch.contiguous_format),
+                             (8, torch.channels_last_3d)):
+        moving = torch.randn(2, channels, 6, 11, 13, generator=generator).contiguous(memory_format=layout)
+        displacement = 8.0 * (torch.rand(2, 3, 6, 11, 13, generator=generator) - 0.5)
+        with torch.no_grad():
+            compiled = transform(moving, displacement)
+        reference = transform(moving.clone().requires_grad_(True), displacement)  # autograd: grid_sample
+        np.testing.assert_allclose(compiled.numpy(), reference.detach().numpy(), atol=1e-5)
+        assert compiled.is_contiguous(memory_format=layout)

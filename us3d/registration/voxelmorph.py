@@ -29,13 +29,34 @@ def _identity_grid(shape: List[int], device: torch.device) -> torch.Tensor:
 
 def transform(moving: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
     """moving(x + u(x)), trilinear, edge values outside; u in voxels, (b, 3, k, j, i), channels (k, j, i)
-    (VoxelMorph's spatial transformer)."""
+    (VoxelMorph's spatial transformer). On the CPU in float32, where no gradient is wanted, a compiled
+    kernel (`_transform_cpu`), elsewhere (and in TorchScript) `grid_sample`."""
+    if not torch.jit.is_scripting():
+        if (moving.device.type == "cpu" and moving.dtype == displacement.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (moving.requires_grad or displacement.requires_grad))):
+            return _transform_compiled(moving, displacement)
     shape = list(displacement.shape[2:])
     position = _identity_grid(shape, displacement.device)[None] + displacement
     # grid_sample wants (x, y, z) = (i, j, k) normalised to [-1, 1] with align_corners=True
     normalised = torch.stack([2 * position[:, 2 - axis] / max(shape[2 - axis] - 1, 1) - 1 for axis in range(3)],
                              dim=-1)
     return F.grid_sample(moving, normalised, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+@torch.jit.unused
+def _transform_compiled(moving: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """`transform` by the compiled CPU kernel; channels-last features are read in place and the result
+    has `moving`'s memory layout."""
+    from us3d.registration._transform_cpu import transform as kernel
+
+    if moving.shape[0] != displacement.shape[0] or moving.shape[2:] != displacement.shape[2:]:
+        raise ValueError("moving and displacement must be (b, c, k, j, i) and (b, 3, k, j, i) on one grid")
+    last = moving.permute(0, 2, 3, 4, 1)  # (b, k, j, i, c): a view of channels-last features
+    out = torch.empty_like(last, memory_format=torch.contiguous_format)
+    for item in range(moving.shape[0]):
+        kernel(last[item].contiguous().numpy(), displacement[item].contiguous().numpy(), out[item].numpy())
+    out = out.permute(0, 4, 1, 2, 3)
+    return out if not moving.is_contiguous() else out.contiguous()
 
 
 def _peak(score: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -97,8 +118,24 @@ def _padded(volume: torch.Tensor) -> torch.Tensor:
 
 
 def _padded_size(shape: List[int]) -> List[int]:
-    """The correlation grid: zero padding by half of each axis, so shifts up to that do not wrap."""
-    return [n + n // 2 for n in shape]
+    """The correlation grid: zero padding by at least half of each axis, so shifts up to that do not
+    wrap, to the next size with no prime factor above 5 (an FFT of 33 samples, 3 x 11, takes about as
+    long as one of 64)."""
+    sizes: List[int] = []
+    for n in shape:
+        size = n + n // 2
+        while not _smooth(size):
+            size += 1
+        sizes.append(size)
+    return sizes
+
+
+def _smooth(n: int) -> bool:
+    """Whether n has no prime factor above 5."""
+    for p in [2, 3, 5]:
+        while n % p == 0:
+            n = n // p
+    return n == 1
 
 
 def translation_spectra(volume: torch.Tensor, factor: int = 2) -> torch.Tensor:
