@@ -229,7 +229,8 @@ def normalised(volume: torch.Tensor) -> torch.Tensor:
     flat = volume.flatten(1)
     mean = flat.mean(1).view(-1, 1, 1, 1, 1)
     std = flat.std(1).view(-1, 1, 1, 1, 1)
-    return (volume - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    # divided in place: one new volume, not two (each costs a pass through memory)
+    return (volume - mean).div_(torch.where(std > 0, std, torch.ones_like(std)))
 
 
 def _unit(features: torch.Tensor) -> torch.Tensor:
