@@ -5,14 +5,8 @@ breath to the next. The wall is layered along the probe's lateral axis, the axis
 its motion shows only in its speckle, at full resolution; a network's coarse levels do not see it and
 fall back on what their training data made likely. This module gives a second estimate that does
 look: each band of depth (3 mm thick) is registered by its own FFT translation, and each voxel takes
-that band's shift where the volumes then correlate clearly better around it (local normalised
-cross-correlation) than with the estimate it had. The refinement (`us3d.registration.refine`) then
-starts from the result.
-
-The local correlation, not the squared difference, judges: it ignores a change of local brightness
-or contrast between the frames (gain, time-gain compensation, shadowing that does not move with the
-tissue), which the squared difference counts as mismatch; where the wall moved with the liver, it
-sometimes preferred a field 10 mm off to the true one.
+that band's shift where it leaves a clearly smaller local squared difference of the volumes than the
+estimate it had. The refinement (`us3d.registration.refine`) then starts from the result.
 
 Only voxels with data count: outside a sector scan a B-mode volume is empty, and that empty region
 does not move with the tissue, so an edge of it would pull every shift near a sector's apex to zero.
@@ -26,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from us3d.registration import separable
+from us3d.registration.refine import unfold
 from us3d.registration.voxelmorph import _detail, detail_spectra, detail_translation, normalised, transform
 
 
@@ -134,14 +129,11 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
     """`displacement` with each voxel's shift replaced by its depth band's translation
     (`band_translations`) where that matches better. A new tensor.
 
-    The local dissimilarity, 1 - the normalised cross-correlation of the volumes in a Gaussian window
-    over the fixed volume's data (`local_dissimilarity`), decides: a band's shift is taken where it
-    is at least `margin` smaller than with `displacement`, and only in bands where it is smaller over
-    the band as a whole. The choice is
+    The local squared difference of the normalised volumes (Gaussian-weighted over the fixed volume's
+    data) decides: a band's shift is taken where it is at least `margin` smaller than with
+    `displacement`, and only in bands where it is smaller over the band as a whole. The choice is
     blended over `blend` voxels along depth and more widely across it where the shifts differ much
-    (`_blend_widths`). Folds are left as they are (most are the estimate's own): the refinement
-    smooths them away at its end (`us3d.registration.refine.unfold`), and doing it here too cost a
-    tenth of the pair's time and changed no error on the validation seeds.
+    (`_blend_widths`); folds that remain are smoothed away (`us3d.registration.refine.unfold`).
 
     Parameters
     ----------
@@ -150,17 +142,21 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
         matches fixed(x).
     spacing : voxel spacing (k, j, i), mm.
     axis : the depth dimension, 3 (j) or 4 (i); None finds it (`depth_axis`).
-    sigma : Gaussian sigma (voxels) of the window of the local correlation.
-    margin : relative improvement of the local dissimilarity a band's shift needs to be taken.
+    sigma : Gaussian sigma (voxels) of the local squared difference.
+    margin : relative improvement of the local squared difference a band's shift needs to be taken.
     blend : Gaussian sigma (voxels) over which the choice is blended along depth, and at least across it.
     band_mm, slab_mm : see `band_translations`.
     """
     axis = depth_axis(fixed, spacing) if axis is None else axis
     fixed_n, moving_n = normalised(fixed), normalised(moving)
-    inside = data_mask(fixed)  # the correlation is taken over the fixed volume's data only
+    inside = data_mask(fixed)  # the squared difference is averaged over the fixed volume's data only
     candidate, bands = band_translations(fixed_n, moving_n, axis, spacing, band_mm, slab_mm, inside)
-    with_candidate, with_estimate = local_dissimilarity(
-        fixed_n, [transform(moving_n, candidate), transform(moving_n, displacement)], inside, sigma)
+    weight_sum = separable.gaussian(inside, sigma, True).clamp(min=1e-6)
+
+    def local_difference(field: torch.Tensor) -> torch.Tensor:
+        return separable.gaussian(inside * (fixed_n - transform(moving_n, field)).pow(2), sigma, True) / weight_sum
+
+    with_candidate, with_estimate = local_difference(candidate), local_difference(displacement)
     better = (with_candidate < (1.0 - margin) * with_estimate).to(displacement.dtype)
     for begin, stop in bands:  # a band's shift must match better over the band as a whole
         if float(with_candidate.narrow(axis, begin, stop - begin).mean()) >= \
@@ -168,29 +164,8 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
             better.narrow(axis, begin, stop - begin).zero_()
     weight = separable.apply(better, [separable.gaussian_matrix(better.shape[2 + a], width, better, True)
                                       for a, width in enumerate(_blend_widths(candidate - displacement, better, axis, blend))])
-    return displacement * (1.0 - weight) + candidate * weight
-
-
-def local_dissimilarity(fixed: torch.Tensor, warped: list[torch.Tensor], weight: torch.Tensor,
-                        sigma: float) -> list[torch.Tensor]:
-    """1 - the local normalised cross-correlation of `fixed` with each of `warped`, all (b, 1, k, j, i):
-    means, variances and covariance in a Gaussian window of `sigma` voxels, each voxel counted by
-    `weight` (b, 1, k, j, i), e.g. `data_mask`; 1 where the window holds no data or no contrast.
-    Each (b, 1, k, j, i), between 0 (alike up to brightness and contrast) and 2."""
-    terms = [weight, weight * fixed, weight * fixed * fixed]
-    for volume in warped:
-        terms += [weight * volume, weight * volume * volume, weight * fixed * volume]
-    sums = separable.gaussian(torch.cat(terms, 1), sigma, True)  # every window sum in one pass
-    total = sums[:, 0:1].clamp(min=1e-6)
-    mean_f = sums[:, 1:2] / total
-    var_f = (sums[:, 2:3] / total - mean_f * mean_f).clamp(min=1e-6)
-    out = []
-    for n in range(len(warped)):
-        mean_w = sums[:, 3 + 3 * n:4 + 3 * n] / total
-        var_w = (sums[:, 4 + 3 * n:5 + 3 * n] / total - mean_w * mean_w).clamp(min=1e-6)
-        covariance = sums[:, 5 + 3 * n:6 + 3 * n] / total - mean_f * mean_w
-        out.append(1.0 - covariance / (var_f * var_w).sqrt())
-    return out
+    # folds the blend still makes are smoothed away there only
+    return unfold(displacement * (1.0 - weight) + candidate * weight)
 
 
 def _blend_widths(jump: torch.Tensor, taken: torch.Tensor, axis: int, blend: float) -> list[float]:
