@@ -9,6 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from us3d.registration._refine_cpu import FAST, _cell
+from us3d.registration._transform_cpu import trilinear
 
 
 @njit(inline="always")
@@ -24,6 +25,7 @@ def warp(volume: np.ndarray, displacement: np.ndarray, extrapolate: bool, out: n
     buffer); beyond it 0, or with `extrapolate` the nearest voxel's value (ITK's nearest-neighbour
     extrapolator)."""
     size_k, size_j, size_i = volume.shape
+    last = volume.reshape((size_k, size_j, size_i, 1))  # the spatial transformer's channels-last layout
     for k in prange(size_k):
         for j in range(size_j):
             for i in range(size_i):
@@ -39,10 +41,4 @@ def warp(volume: np.ndarray, displacement: np.ndarray, extrapolate: bool, out: n
                 k0, k1, fk = _cell(pk, size_k)
                 j0, j1, fj = _cell(pj, size_j)
                 i0, i1, fi = _cell(pi, size_i)
-                a = volume[k0, j0, i0] + fi * (volume[k0, j0, i1] - volume[k0, j0, i0])
-                b = volume[k0, j1, i0] + fi * (volume[k0, j1, i1] - volume[k0, j1, i0])
-                c = volume[k1, j0, i0] + fi * (volume[k1, j0, i1] - volume[k1, j0, i0])
-                d = volume[k1, j1, i0] + fi * (volume[k1, j1, i1] - volume[k1, j1, i0])
-                near = a + fj * (b - a)
-                far = c + fj * (d - c)
-                out[k, j, i] = near + fk * (far - near)
+                out[k, j, i] = trilinear(last, k0, k1, fk, j0, j1, fj, i0, i1, fi, 0)
