@@ -73,6 +73,19 @@ def test_unfold_clears_a_fold_on_a_face_of_the_volume():
     assert not bool((jacobian_determinant(unfold(folded)) <= 0).any())
 
 
+
+def test_the_refinements_unfold_clears_a_fold_wider_than_sixteen_passes_reach():
+    """A fold over many voxels (as on real freehand frames that no deformation explains) needs the
+    wider Gaussians of later passes."""
+    shape = (4, 40, 60)
+    i = torch.arange(shape[2], dtype=torch.float32).view(1, 1, -1).expand(shape)
+    folded = torch.zeros((1, 3) + shape)
+    folded[0, 2] = -16.0 * torch.tanh((i - 30) / 8.0)  # reversed (det J down to -1) over 15 voxels
+    assert float((jacobian_determinant(unfold(folded, 16)) <= 0).float().mean()) > 0.1
+    passes = RefinementSettings().unfold_passes
+    assert not bool((jacobian_determinant(unfold(folded, passes)) <= 0).any())
+
+
 def _unfold_over_the_whole_volume(displacement, passes=16, margin=0.05):
     """unfold's definition, pass by pass over every voxel (what the box-by-box version must equal)."""
     from us3d.registration.refine import _gaussian
