@@ -157,6 +157,20 @@ def test_translation_ignores_a_static_sector_mask_and_a_depth_trend():
     np.testing.assert_allclose(found, [0.0, 0.0, -15.0], atol=1.5)  # 6 mm found within 0.6 mm, not 0
 
 
+
+def test_translation_of_data_that_fill_a_quarter_of_the_grid():
+    """A reconstructed sweep or a small sector in a large box: the overlap a shift needs is measured
+    against the data, or no shift at all would be allowed (the shift found was 0)."""
+    from us3d.registration.voxelmorph import translation
+
+    window = torch.zeros((1, 1, 16, 48, 64))
+    window[..., 12:36, 16:48] = 1.0  # 25% of the grid carries data
+    volume = _tensor(shifted_blobs((16, 48, 64)))
+    moved = _tensor(shifted_blobs((16, 48, 64), shift_mm=(-3.0, 0.0, 0.0)))  # 7.5 voxels along i
+    found = translation((volume + 5.0) * window, (moved + 5.0) * window)[0].numpy()
+    np.testing.assert_allclose(found, [0.0, 0.0, -7.5], atol=1.0)
+
+
 def test_bundled_voxelmorph_recovers_a_known_shift_of_a_phantom_volume():
     from us3d.phantom import simulate_volume
     from us3d.registration.fields import field_array

@@ -111,9 +111,8 @@ def band_translations(fixed: torch.Tensor, moving: torch.Tensor, axis: int, spac
     shifts = []
     for s in range(len(lows)):  # one slab at a time: torch's batched inverse FFT is slower here
         # a shift must overlap 30% of the data, not of the slab: near a sector's apex little of it has any
-        data = min(float(fixed_masks[s].mean()), float(moving_masks[s].mean()))
         shifts.append(detail_translation(fixed_slabs[s:s + 1], fixed_masks[s:s + 1], moving_spectra[s:s + 1], reduce,
-                                         0.3 * data)[0])
+                                         0.3, 0.3)[0])
     out = torch.empty((1, 3) + tuple(fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device)
     full, factor = fixed.shape[axis], reduce[axis - 2]
     bands = [(factor * start, min(full, factor * (start + band))) for start in starts]

@@ -153,27 +153,31 @@ def detail_spectra(detail: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def coarse_translation(fixed: torch.Tensor, moving: torch.Tensor, factor: int = 2,
-                       min_overlap: float = 0.3, moving_spectra: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       min_overlap: float = 0.3, moving_spectra: Optional[torch.Tensor] = None,
+                       min_data_overlap: float = 0.6) -> torch.Tensor:
     """(b, 3) shift in voxels (k, j, i) of the input grid from a masked, overlap-normalised cross-correlation
     (Padfield, IEEE TIP 2012) at 1/`factor` in-plane resolution, with shifts up to half of each axis.
 
     Regions at the volume's minimum (outside a sector scan, zero padding) carry no data; smooth
     trends (attenuation, TGC, shading), which do not move with the tissue, are removed by subtracting a
-    Gaussian-blurred copy; shifts whose overlap is under `min_overlap` of the volume are not considered.
+    Gaussian-blurred copy; shifts whose overlap is under `min_overlap` of the volume, or under
+    `min_data_overlap` of the data where that is less (the smaller of the two volumes' data: a
+    reconstructed sweep may fill under a third of its grid), are not considered.
     `moving_spectra`: `translation_spectra(moving, factor)`, computed once for a moving volume
     registered to many frames (then `moving` is not read).
     """
     reduce = [1, factor, factor]
     f, mf = _detail(fixed, reduce)
     right = translation_spectra(moving, factor) if moving_spectra is None else moving_spectra
-    return detail_translation(f, mf, right, reduce, min_overlap)
+    return detail_translation(f, mf, right, reduce, min_overlap, min_data_overlap)
 
 
 def detail_translation(detail: torch.Tensor, mask: torch.Tensor, moving_spectra: torch.Tensor, reduce: List[int],
-                       min_overlap: float = 0.3) -> torch.Tensor:
+                       min_overlap: float = 0.3, min_data_overlap: float = 0.6) -> torch.Tensor:
     """(b, 3) shift in voxels of the input grid (`coarse_translation`'s core), from the fixed side's
     detail and data mask ((b, 1, k, j, i), reduced by `reduce`, as `_detail` makes them) and the moving
-    side's `translation_spectra` on the same reduced grid."""
+    side's `translation_spectra` on the same reduced grid; a shift must overlap `min_overlap` of the
+    grid or `min_data_overlap` of the data, whichever is less."""
     shape = [detail.shape[2], detail.shape[3], detail.shape[4]]
     size = _padded_size(shape)
     dims = [2, 3, 4]
@@ -190,7 +194,13 @@ def detail_translation(detail: torch.Tensor, mask: torch.Tensor, moving_spectra:
     var_f = sum_ff - sum_f * sum_f / overlap
     var_m = sum_mm - sum_m * sum_m / overlap
     score = numerator / torch.sqrt((var_f * var_m).clamp(min=1e-12))
-    allowed = count > min_overlap * float(shape[0] * shape[1] * shape[2])
+    # the overlap a shift needs: `min_overlap` of the grid, or `min_data_overlap` of the data where that is
+    # less: a reconstructed sweep or a sector in a large box may fill under a third of its grid, and then
+    # no shift would be allowed at all (the data: the smaller of the two masks' sums, the moving one's
+    # as the zero-frequency term of its transform)
+    data = torch.minimum(mask.flatten(1).sum(1), torch.real(moving_spectra[:, 0, 0, 0, 0]))
+    needed = torch.clamp(min_data_overlap * data, max=min_overlap * float(shape[0] * shape[1] * shape[2]))
+    allowed = count > needed.view(-1, 1, 1, 1)
     for axis in range(3):
         index = torch.arange(size[axis], device=detail.device)
         near = (index <= shape[axis] // 2) | (index >= size[axis] - shape[axis] // 2)
