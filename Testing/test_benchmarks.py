@@ -73,3 +73,20 @@ def test_registration_diagnosis_quick_splits_the_error_at_the_wall(tmp_path):
     assert len(rows) == 1
     pairs, epe, outside, inside = int(rows[0][1]), float(rows[0][2]), float(rows[0][3]), float(rows[0][4])
     assert pairs > 0 and outside < epe < inside  # the wall is where the error is largest
+
+
+def test_real_speckle_registration_benchmark_tiny_scores_every_method(tmp_path):
+    output = tmp_path / "real.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_registration_real.py"), "--tiny",
+                             "--output", str(output)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = output.read_text()
+    assert "nan" not in report and "Tiny code-path check" in report
+    lines = report.splitlines()
+    first = lines.index("| method | mean EPE (mm) | worst field (mm) | mean p95 (mm) | max folding (%) | time (s) |")
+    table = lines[first + 2:lines.index("", first)]
+    means = {row.split(" | ")[0].lstrip("| "): float(row.split(" | ")[1]) for row in table}
+    assert len(means) == 4
+    rigid = means["rigid only (FFT translation)"]
+    default = next(value for name, value in means.items() if name.endswith("(default)"))
+    assert 0 < default < rigid  # a smooth deformation on real speckle: the default must beat a translation
