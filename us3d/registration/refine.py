@@ -57,9 +57,9 @@ class RefinementSettings:
         steps and the steps between use their first-order expansion (Gauss-Newton's model of the
         image term), about 3x cheaper per step; 1 warps at every step.
     unfold_passes : at most this many passes of `unfold` on the result (0: none). Its sigma grows 1.5x
-        every 4 passes while folds remain, so 32 passes reach about 25 voxels: a fold as wide as a
-        real freehand frame pair left (3.3% of the voxels after 16 passes, 0.007% after 32); pairs
-        without folds stop after the first.
+        every 4 passes while folds remain, so 32 passes reach about 25 voxels, wide enough for the
+        folds that a pair of real freehand frames kept after 16 passes (3.3% of its voxels; 0.007%
+        after 32); a pair without folds stops after the first pass.
     """
 
     steps: int = 24
