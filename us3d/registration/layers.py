@@ -110,9 +110,9 @@ def band_translations(fixed: torch.Tensor, moving: torch.Tensor, axis: int, spac
     moving_spectra = detail_spectra(slabs(m), moving_masks)
     shifts = []
     for s in range(len(lows)):  # one slab at a time: torch's batched inverse FFT is slower here
-        # a shift must overlap 30% of the data, not of the slab: near a sector's apex little of it has any
-        shifts.append(detail_translation(fixed_slabs[s:s + 1], fixed_masks[s:s + 1], moving_spectra[s:s + 1], reduce,
-                                         0.3, 0.3)[0])
+        # a shift must overlap 30% of the data (`detail_translation`): near a sector's apex little of a slab has any
+        shifts.append(detail_translation(fixed_slabs[s:s + 1], fixed_masks[s:s + 1], moving_spectra[s:s + 1],
+                                         reduce)[0])
     out = torch.empty((1, 3) + tuple(fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device)
     full, factor = fixed.shape[axis], reduce[axis - 2]
     bands = [(factor * start, min(full, factor * (start + band))) for start in starts]

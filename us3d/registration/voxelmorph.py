@@ -59,13 +59,17 @@ def _transform_compiled(moving: torch.Tensor, displacement: torch.Tensor) -> tor
     return out if not moving.is_contiguous() else out.contiguous()
 
 
-def _peak(score: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """(b, 3) position (k, j, i) of each batch item's maximum of `score` (b, k, j, i) where `allowed`,
-    refined to sub-voxel by a parabola per axis; positions past half an axis wrap to negative."""
+def _peak(score: torch.Tensor, allowed: torch.Tensor, ranking: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(b, 3) position (k, j, i) of each batch item's maximum of `score` (b, k, j, i) where `allowed` (of
+    `ranking` instead, when given), refined to sub-voxel by a parabola of `score` per axis; positions past
+    half an axis wrap to negative."""
     shape = [score.shape[1], score.shape[2], score.shape[3]]
     score = torch.where(allowed, score, torch.full_like(score, -1e30))
     batch = torch.arange(score.shape[0], device=score.device)
-    peak = score.flatten(1).argmax(1)
+    if ranking is None:
+        peak = score.flatten(1).argmax(1)
+    else:
+        peak = torch.where(allowed, ranking, torch.full_like(ranking, -1e30)).flatten(1).argmax(1)
     indices = [peak // (shape[1] * shape[2]), (peak // shape[2]) % shape[1], peak % shape[2]]
     centre = score[batch, indices[0], indices[1], indices[2]]
     shifts: List[torch.Tensor] = []
@@ -96,13 +100,14 @@ def _correlate(a: torch.Tensor, b: torch.Tensor, size: List[int]) -> torch.Tenso
 def _detail(volume: torch.Tensor, reduce: List[int],
             data: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(the volume reduced by `reduce`, its smooth trend removed, zero where it has no data; that mask):
-    voxels at the volume's minimum over a whole block carry no data; with `data` (b, 1, k, j, i), 1
-    where a voxel has data, only blocks wholly inside it do."""
+    only blocks wholly inside the data count, `data` (b, 1, k, j, i) being 1 where a voxel has data, by
+    default where it is above the volume's minimum. A block that straddles the edge of a sector scan
+    would otherwise hold a dimmed edge that stays where it is while the tissue moves, and pull the shift
+    towards zero."""
     if data is None:
         low = volume.flatten(1).min(1)[0].view(-1, 1, 1, 1, 1)
-        mask = (F.avg_pool3d((volume - low).abs().float(), reduce, ceil_mode=True) > 1e-6).float()
-    else:
-        mask = (F.avg_pool3d(data.float(), reduce, ceil_mode=True) > 0.999).float()
+        data = (volume > low).float()
+    mask = (F.avg_pool3d(data.float(), reduce, ceil_mode=True) > 0.999).float()
     pooled = F.avg_pool3d(volume.float(), reduce, ceil_mode=True)
     trend = _blur(pooled * mask, 3.0) / _blur(mask, 3.0).clamp(min=1e-6)
     return (pooled - trend) * mask, mask
@@ -153,31 +158,31 @@ def detail_spectra(detail: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def coarse_translation(fixed: torch.Tensor, moving: torch.Tensor, factor: int = 2,
-                       min_overlap: float = 0.3, moving_spectra: Optional[torch.Tensor] = None,
-                       min_data_overlap: float = 0.6) -> torch.Tensor:
+                       min_overlap: float = 0.3, moving_spectra: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(b, 3) shift in voxels (k, j, i) of the input grid from a masked, overlap-normalised cross-correlation
     (Padfield, IEEE TIP 2012) at 1/`factor` in-plane resolution, with shifts up to half of each axis.
 
     Regions at the volume's minimum (outside a sector scan, zero padding) carry no data; smooth
     trends (attenuation, TGC, shading), which do not move with the tissue, are removed by subtracting a
-    Gaussian-blurred copy; shifts whose overlap is under `min_overlap` of the volume, or under
-    `min_data_overlap` of the data where that is less (the smaller of the two volumes' data: a
-    reconstructed sweep may fill under a third of its grid), are not considered.
+    Gaussian-blurred copy; shifts whose overlap is under `min_overlap` of the data (the smaller of the
+    two volumes' data, as scikit-image's masked `phase_cross_correlation` measures it: a sector in a
+    large box or a reconstructed sweep may fill under a third of its grid) are not considered, and the
+    shift taken is the one whose correlation is the most significant over its overlap (Fisher's z), so
+    that a small overlap that correlates well by chance does not win.
     `moving_spectra`: `translation_spectra(moving, factor)`, computed once for a moving volume
     registered to many frames (then `moving` is not read).
     """
     reduce = [1, factor, factor]
     f, mf = _detail(fixed, reduce)
     right = translation_spectra(moving, factor) if moving_spectra is None else moving_spectra
-    return detail_translation(f, mf, right, reduce, min_overlap, min_data_overlap)
+    return detail_translation(f, mf, right, reduce, min_overlap)
 
 
 def detail_translation(detail: torch.Tensor, mask: torch.Tensor, moving_spectra: torch.Tensor, reduce: List[int],
-                       min_overlap: float = 0.3, min_data_overlap: float = 0.6) -> torch.Tensor:
+                       min_overlap: float = 0.3) -> torch.Tensor:
     """(b, 3) shift in voxels of the input grid (`coarse_translation`'s core), from the fixed side's
     detail and data mask ((b, 1, k, j, i), reduced by `reduce`, as `_detail` makes them) and the moving
-    side's `translation_spectra` on the same reduced grid; a shift must overlap `min_overlap` of the
-    grid or `min_data_overlap` of the data, whichever is less."""
+    side's `translation_spectra` on the same reduced grid; a shift must overlap `min_overlap` of the data."""
     shape = [detail.shape[2], detail.shape[3], detail.shape[4]]
     size = _padded_size(shape)
     dims = [2, 3, 4]
@@ -194,20 +199,18 @@ def detail_translation(detail: torch.Tensor, mask: torch.Tensor, moving_spectra:
     var_f = sum_ff - sum_f * sum_f / overlap
     var_m = sum_mm - sum_m * sum_m / overlap
     score = numerator / torch.sqrt((var_f * var_m).clamp(min=1e-12))
-    # the overlap a shift needs: `min_overlap` of the grid, or `min_data_overlap` of the data where that is
-    # less: a reconstructed sweep or a sector in a large box may fill under a third of its grid, and then
-    # no shift would be allowed at all (the data: the smaller of the two masks' sums, the moving one's
-    # as the zero-frequency term of its transform)
+    # the peak is the most significant correlation over its overlap (Fisher's z times the square root of
+    # the voxel count: a small overlap correlates well by chance), refined on the correlation itself
+    significance = torch.atanh(score.clamp(-0.999, 0.999)) * overlap.sqrt()
     data = torch.minimum(mask.flatten(1).sum(1), torch.real(moving_spectra[:, 0, 0, 0, 0]))
-    needed = torch.clamp(min_data_overlap * data, max=min_overlap * float(shape[0] * shape[1] * shape[2]))
-    allowed = count > needed.view(-1, 1, 1, 1)
+    allowed = count > min_overlap * data.view(-1, 1, 1, 1)
     for axis in range(3):
         index = torch.arange(size[axis], device=detail.device)
         near = (index <= shape[axis] // 2) | (index >= size[axis] - shape[axis] // 2)
         view = [1, 1, 1, 1]
         view[axis + 1] = size[axis]
         allowed = allowed & near.view(view)
-    shift = _peak(score, allowed)
+    shift = _peak(score, allowed, significance)
     return shift * torch.tensor(reduce, dtype=shift.dtype, device=shift.device).view(1, 3)
 
 
