@@ -73,7 +73,6 @@ def test_unfold_clears_a_fold_on_a_face_of_the_volume():
     assert not bool((jacobian_determinant(unfold(folded)) <= 0).any())
 
 
-
 def test_the_refinements_unfold_clears_a_fold_wider_than_sixteen_passes_reach():
     """A fold over many voxels (as on real freehand frames that no deformation explains) needs the
     wider Gaussians of later passes."""

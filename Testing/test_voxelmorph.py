@@ -158,7 +158,6 @@ def test_translation_ignores_a_static_sector_mask_and_a_depth_trend():
         np.testing.assert_allclose(found, [0.0, 0.0, -15.0], atol=1.5)  # 6 mm found within 0.6 mm, not 0
 
 
-
 def test_translation_of_data_that_fill_a_quarter_of_the_grid():
     """A reconstructed sweep or a small sector in a large box: the overlap a shift needs is measured
     against the data, or no shift at all would be allowed (the shift found was 0)."""

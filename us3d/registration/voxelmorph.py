@@ -59,17 +59,13 @@ def _transform_compiled(moving: torch.Tensor, displacement: torch.Tensor) -> tor
     return out if not moving.is_contiguous() else out.contiguous()
 
 
-def _peak(score: torch.Tensor, allowed: torch.Tensor, ranking: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(b, 3) position (k, j, i) of each batch item's maximum of `score` (b, k, j, i) where `allowed` (of
-    `ranking` instead, when given), refined to sub-voxel by a parabola of `score` per axis; positions past
-    half an axis wrap to negative."""
+def _peak(score: torch.Tensor, allowed: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor:
+    """(b, 3) position (k, j, i) of each batch item's maximum of `ranking` (b, k, j, i) where `allowed`,
+    refined to sub-voxel by a parabola of `score` per axis; positions past half an axis wrap to negative."""
     shape = [score.shape[1], score.shape[2], score.shape[3]]
     score = torch.where(allowed, score, torch.full_like(score, -1e30))
     batch = torch.arange(score.shape[0], device=score.device)
-    if ranking is None:
-        peak = score.flatten(1).argmax(1)
-    else:
-        peak = torch.where(allowed, ranking, torch.full_like(ranking, -1e30)).flatten(1).argmax(1)
+    peak = torch.where(allowed, ranking, torch.full_like(ranking, -1e30)).flatten(1).argmax(1)
     indices = [peak // (shape[1] * shape[2]), (peak // shape[2]) % shape[1], peak % shape[2]]
     centre = score[batch, indices[0], indices[1], indices[2]]
     shifts: List[torch.Tensor] = []
