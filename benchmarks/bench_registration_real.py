@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from us3d import Registrar, RegistrationSettings, __version__
 from us3d.options import DEFAULT_REFINE_STEPS
-from us3d.registration.fields import field_array, field_image, folding_fraction, source_inside
+from us3d.registration.fields import displacement_to_field, field_array, folding_fraction, source_inside
 from us3d.registration.voxelmorph import transform
 from us3d.resources import sample_data
 
@@ -48,13 +48,6 @@ def random_field(shape: tuple[int, int, int], spacing_kji: tuple[float, float, f
     coarse += torch.randn((1, 3, 1, 1, 1), generator=generator, dtype=torch.float64) * BULK_MM
     mm = F.interpolate(coarse, size=list(shape), mode="trilinear", align_corners=True)[0]
     return (mm / torch.tensor(spacing_kji, dtype=torch.float64).view(3, 1, 1, 1)).float().numpy()
-
-
-def to_mm_field(voxels: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    """The field image (LPS mm, (x, y, z)) of a (3, k, j, i) voxel displacement on an axis-aligned grid."""
-    spacing = np.asarray(reference.GetSpacing())[::-1].reshape(3, 1, 1, 1)  # (k, j, i)
-    mm = voxels * spacing
-    return field_image(np.stack([mm[2], mm[1], mm[0]], -1), reference)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed = transform(torch.from_numpy(moving)[None, None], torch.from_numpy(voxels)[None])[0, 0].numpy()
         fixed_image = sitk.GetImageFromArray(fixed)
         fixed_image.CopyInformation(volume)
-        truth = to_mm_field(voxels, volume)
+        truth = displacement_to_field(voxels, volume)
         truth_mm = field_array(truth)
         scored = (fixed > low) & source_inside(truth, volume)
         motions.append(float(np.linalg.norm(truth_mm[scored], axis=-1).mean()))
