@@ -303,6 +303,11 @@ def test_train_register_writes_a_loadable_model_and_card(tmp_path):
     card = (tmp_path / "vm.md").read_text()
     assert "endpoint error" in card and "in 1 of these 1 sequences the wall slides" in card  # the standard wall slides
     assert len((tmp_path / "vm.log.jsonl").read_text().splitlines()) == 1
+    for bad, message in ((["--initial-weights", "unet-obnlm"], "not a registration model"),
+                         (["--random-motion", "1.5"], "between 0 and 1")):
+        code, _, err = run("train-register", tmp_path / "bad.pt", "--standard-sequences", "1", "--varied-sequences",
+                           "0", "--frames", "2", "--steps", "1", "--cache", tmp_path / "cache", "--inputs", "none", *bad)
+        assert code == 2 and message in err and not (tmp_path / "bad.pt").exists()
 
 
 def test_register_sequence_with_a_separate_moving_volume(phantom_files, tmp_path):

@@ -462,13 +462,18 @@ def cmd_train_register(args: argparse.Namespace) -> int:
         raise InputError("--frames must be at least 2 (an exhale frame and a frame to register to it)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = training.RegistrationTrainingSettings(args.steps, args.batch_size, args.lr, args.smoothness,
-                                                     args.truth_weight, args.image_weight, args.seed)
+    if not 0 <= args.random_motion <= 1:
+        raise InputError("--random-motion must lie between 0 and 1")
+    settings = training.RegistrationTrainingSettings(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, smoothness_weight=args.smoothness,
+        truth_weight=args.truth_weight, image_weight=args.image_weight, random_motion=args.random_motion,
+        seed=args.seed)
     conditions = {"standard": training.TRAINING["standard"][:args.standard_sequences],
                   "varied": training.TRAINING["varied"][:args.varied_sequences]}
     start = time.perf_counter()
     validation = training.train_registration_model(output, settings, tuple(args.inputs), args.frames, args.device,
-                                                   args.cache, {k: v for k, v in conditions.items() if v})
+                                                   args.cache, {k: v for k, v in conditions.items() if v},
+                                                   args.initial_weights)
     for row in validation:
         print(f"{row['preprocessing']}, {row['sequence']}: mean endpoint error {row['endpoint_error_mm']:.3f} mm "
               f"(rigid step alone {row['rigid_endpoint_error_mm']:.3f}), "
@@ -668,6 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-weight", type=float, default=RegistrationTrainingSettings.image_weight,
                    help="weight of the MSE of normalised fixed and warped moving volumes (the paper's loss; "
                         f"default {RegistrationTrainingSettings.image_weight})")
+    p.add_argument("--random-motion", type=float, default=RegistrationTrainingSettings.random_motion,
+                   help="share of the training pairs made by warping a training frame with a random smooth field "
+                        f"(us3d.training.random_motion; default {RegistrationTrainingSettings.random_motion})")
+    p.add_argument("--initial-weights", metavar="MODEL",
+                   help="start from this registration model's weights (a model file or bundled name): fine-tuning")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--cache", help="folder to cache simulated, pre-processed sequences")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's choice)")

@@ -36,9 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from us3d import __version__
+from us3d.errors import InputError
 from us3d.phantom import SIMULATOR_VERSION
 from us3d.registration.voxelmorph import VoxelMorph, normalised, transform
 from us3d.training import distributed as ddp
+from us3d.training.random_motion import random_motion_pair
 
 #: Seeds of each set, by simulation conditions; the sets never share a seed.
 TRAINING = {"standard": tuple(range(2000, 2032)), "varied": tuple(range(3000, 3048))}
@@ -140,6 +142,7 @@ class RegistrationTrainingSettings:
     smoothness_weight: float = 0.02  # x mean squared displacement gradient (mm per mm)
     truth_weight: float = 1.0  # x Charbonnier endpoint error (mm); 0 gives the paper's unsupervised loss
     image_weight: float = 0.1  # x MSE of the normalised fixed and warped moving volumes
+    random_motion: float = 0.0  # share of the pairs made by a random smooth field (`random_motion`)
     seed: int = 0
 
 
@@ -188,7 +191,13 @@ def _batch(groups: list[list[MotionSequence]], settings: RegistrationTrainingSet
     """(fixed, moving, true voxel displacement, spacing (b, 3, 1, 1, 1) mm) of random pairs, each from a
     random group (pre-processing); a random intensity mapping (gamma) and, a quarter of the time, a
     Gaussian blur of random width (the same for both volumes)."""
-    pairs = [_pair(groups[int(rng.integers(len(groups)))], rng) for _ in range(settings.batch_size)]
+    pairs = []
+    for _ in range(settings.batch_size):
+        pair = _pair(groups[int(rng.integers(len(groups)))], rng)
+        if settings.random_motion > 0 and rng.random() < settings.random_motion:
+            source = pair[1] if rng.random() < 0.5 else pair[0]  # frame 0 or frame t, as a texture
+            pair = (*random_motion_pair(source, pair[3], rng), pair[3])
+        pairs.append(pair)
     shapes = {p[0].shape for p in pairs}
     if len(shapes) > 1:  # different grids cannot share a batch: keep the first pair's shape
         pairs = [p for p in pairs if p[0].shape == pairs[0][0].shape]
@@ -281,14 +290,19 @@ def training_loss(model: torch.nn.Module, fixed: torch.Tensor, moving: torch.Ten
 
 
 def train_registration(groups: list[list[MotionSequence]], settings: RegistrationTrainingSettings,
-                       device: torch.device, log: Callable[[dict], None] | None = None) -> VoxelMorph:
+                       device: torch.device, log: Callable[[dict], None] | None = None,
+                       initial: dict[str, torch.Tensor] | None = None) -> VoxelMorph:
     """Train VoxelMorph on (frame t, frame 0) pairs of the sequences in `groups` (one group per
-    pre-processing); returns the model (rank 0's copy under DDP)."""
+    pre-processing), from random weights or from `initial` (a VoxelMorph state dict, for fine-tuning);
+    returns the model (rank 0's copy under DDP)."""
     if any(len(s.frames) < 2 for sequences in groups for s in sequences):
         raise ValueError("every training sequence needs at least 2 frames")
     distributed, rank, device = ddp.start(device)
     torch.manual_seed(settings.seed)
-    model = VoxelMorph().to(device)
+    model = VoxelMorph()
+    if initial is not None:
+        model.load_state_dict(initial)
+    model = model.to(device)
     trained = EveryLevel(model)
     if distributed:
         trained = torch.nn.parallel.DistributedDataParallel(trained)
@@ -438,7 +452,12 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
         f"- **Training data**: {data['sequences']} simulated breathing sequences x {data['frames']} frames ({sets}; "
         "`us3d.phantom.varied`: standard and varied imaging and breathing"
         f"{'; simulator version ' + str(data['simulator']) if 'simulator' in data else ''}); pairs (frame t, exhale "
-        "frame 0), flipped along i and k and transposed in-plane at random, random intensity gamma.",
+        "frame 0), flipped along i and k and transposed in-plane at random, random intensity gamma"
+        + (f"; {100 * training.get('random_motion', 0.0):.0f}% of the pairs are instead one training frame warped by a "
+           "random smooth field (bulk shift 0-5 mm SD per axis, a deformation on control points 12-30 mm apart of "
+           "0.3-3 mm SD), its texture zoomed 1-2x and half of the time seen through a random data hull "
+           "(`us3d.training.random_motion`), so that the network measures motions and textures the simulator "
+           "does not make." if training.get("random_motion", 0.0) > 0 else "."),
         f"- **Abdominal wall**: in {sliding} of these {sequences} sequences the wall slides over the liver, in the "
         "others it moves with it; the error in the wall, sequence by sequence, for walls of both kinds: "
         "`python benchmarks/diagnose_registration.py`.",
@@ -448,7 +467,11 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
         f"- **Training**: {training['steps']} steps of batch {training['batch_size']}, Adam lr "
         f"{training['learning_rate']} with cosine decay, seed {training['seed']}; "
         f"{training['wall_seconds'] / 60:.0f} min on {training['device']} ({training['processes']} process(es)), "
-        f"torch {training['torch']}.",
+        f"torch {training['torch']}."
+        + (f" Fine-tuned from `{training['initial']['model']}` (weights sha256 "
+           f"`{training['initial']['weights_sha256'][:12]}...`; {training['initial']['steps']} steps, random-motion "
+           f"share {training['initial']['random_motion']:g})."
+           if "initial" in training else ""),
         f"- **Weights sha256**: `{metadata['weights_sha256']}`",
         "",
         "## Held-out validation sequences (never trained on), network alone (no refinement)",
@@ -476,12 +499,14 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
 def train_registration_model(output: str | os.PathLike, settings: RegistrationTrainingSettings,
                              preprocessing: tuple[str, ...] = PREPROCESSING, frames: int = 8,
                              device: str = "auto", cache: str | os.PathLike | None = None,
-                             conditions: dict[str, tuple[int, ...]] = TRAINING) -> list[dict]:
+                             conditions: dict[str, tuple[int, ...]] = TRAINING,
+                             initial_model: str | None = None) -> list[dict]:
     """Train VoxelMorph and write the TorchScript model `output` (.pt) with its model card (.md) and
     training log (.log.jsonl); a model written into Resources/Models/ is entered in the manifest.
-    Returns the held-out validation rows. Under torchrun only rank 0 writes."""
+    `initial_model`: a registration model file or bundled name whose weights training starts from
+    (fine-tuning), else random weights. Returns the held-out validation rows. Under torchrun only
+    rank 0 writes."""
     from us3d.devices import resolve_device
-    from us3d.models.bundle import MODELS_DIR, save_model, update_manifest, weights_sha256
     from us3d.training.despeckle import write_log_line
 
     output = Path(output)
@@ -492,19 +517,47 @@ def train_registration_model(output: str | os.PathLike, settings: RegistrationTr
     if cache is not None and rank0:
         prepare_cache([conditions, VALIDATION], frames, inputs, cache)
     groups = training_groups(inputs, frames, cache, conditions)
+    initial, origin = None, None
+    if initial_model is not None:
+        from us3d.models.bundle import load_model
+
+        loaded = load_model(initial_model)
+        if loaded.metadata.get("task") != "registration":
+            raise InputError(f"{loaded.name} is not a registration model")
+        initial = loaded.module.state_dict()
+        origin = {"model": loaded.path.name, "weights_sha256": loaded.metadata["weights_sha256"],
+                  "steps": loaded.metadata.get("training", {}).get("steps"),
+                  "random_motion": loaded.metadata.get("training", {}).get("random_motion", 0.0),
+                  "learning_rate": loaded.metadata.get("training", {}).get("learning_rate")}
     log_path = output.with_suffix(".log.jsonl")
     if rank0 and log_path.exists():
         log_path.unlink()
     start = time.perf_counter()
-    model = train_registration(groups, settings, used, write_log_line(log_path) if rank0 else None)
-    wall = time.perf_counter() - start
+    model = train_registration(groups, settings, used, write_log_line(log_path) if rank0 else None, initial)
     if not rank0:
         return []
+    return write_registration_model(model, output, settings, inputs, frames, cache, conditions,
+                                    time.perf_counter() - start, used.type, origin)
+
+
+def write_registration_model(model: VoxelMorph, output: str | os.PathLike, settings: RegistrationTrainingSettings,
+                             inputs: list[str], frames: int, cache: Path | None,
+                             conditions: dict[str, tuple[int, ...]], wall_seconds: float, device: str,
+                             initial: dict | None = None) -> list[dict]:
+    """Validate a trained `model` on the held-out VALIDATION sequences and write it as `output` (.pt,
+    TorchScript with its metadata) with its model card (.md); a model written into Resources/Models/
+    is entered in the manifest. `device`: where it was trained, for the card; `initial`: the model it
+    was fine-tuned from (file name, weights sha256, its training steps). Returns the validation rows."""
+    from us3d.models.bundle import MODELS_DIR, save_model, update_manifest, weights_sha256
+
+    output = Path(output)
     data = {"sequences": sum(len(seeds) for seeds in conditions.values()), "frames": frames,
             "seeds": {name: f"{seeds[0]}-{seeds[-1]}" for name, seeds in conditions.items()},
             "simulator": SIMULATOR_VERSION}
-    metadata = training_metadata(inputs, settings, data, wall, used.type)
-    model = model.cpu()
+    metadata = training_metadata(inputs, settings, data, wall_seconds, device)
+    if initial is not None:
+        metadata["training"]["initial"] = initial
+    model = model.cpu().eval()
     metadata["parameters"] = sum(p.numel() for p in model.parameters())
     held_out = {pre: [s for name, seeds in VALIDATION.items() for s in motion_sequences(name, seeds, frames, pre, cache)]
                 for pre in inputs}
@@ -516,4 +569,3 @@ def train_registration_model(output: str | os.PathLike, settings: RegistrationTr
     if output.resolve().parent == MODELS_DIR.resolve():
         update_manifest(output.stem, output.name, digest, "+".join(inputs), task="registration")
     return validation
-
