@@ -274,3 +274,26 @@ def test_the_compiled_spatial_transformer_equals_grid_sample():
         reference = transform(moving.clone().requires_grad_(True), displacement)  # autograd: grid_sample
         np.testing.assert_allclose(compiled.numpy(), reference.detach().numpy(), atol=1e-5)
         assert compiled.is_contiguous(memory_format=layout)
+
+
+def test_translation_of_a_large_shift_under_a_static_pattern():
+    """Smooth (blurred) textures correlate at any shift. A texture that moves by 39% of the field of view
+    under a static pattern almost as strong (reverberation, shadows): the whole overlap at zero shift
+    must not win over the true shift's smaller one."""
+    from us3d.registration.separable import gaussian
+    from us3d.registration.voxelmorph import normalised, translation
+
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        texture = gaussian(torch.randn((1, 1, 16, 48, 104), generator=generator), 1.5, False)
+        scale = texture.std()
+
+        def pattern() -> torch.Tensor:
+            smooth = gaussian(torch.randn((1, 1, 16, 48, 64), generator=generator), 1.5, False)
+            return smooth * scale / smooth.std()
+
+        static = 0.86 * pattern()
+        fixed = texture[..., 40:104] + static + 0.5 * pattern()
+        moving = texture[..., 15:79] + static + 0.5 * pattern()  # moving(x + 25 voxels along i) = fixed(x)
+        shift = translation(normalised(fixed), normalised(moving))[0].numpy()
+        np.testing.assert_allclose(shift, [0, 0, 25], atol=1.0)
