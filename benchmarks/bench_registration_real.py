@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a code-path check: a corner of the volume, 2 fields")
     parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS-registration-real.md")))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--model", help="registration model file or bundled name for the network (default: the "
+                                        "bundled voxelmorph)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     volume = sitk.Cast(sitk.ReadImage(str(sample_data(VOLUME))), sitk.sitkFloat32)
@@ -67,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     low = float(moving.min())
     methods = {
         "rigid only (FFT translation)": RegistrationSettings(method="translation", refine_steps=0, device="cpu"),
-        "network only (VoxelMorph, the paper)": RegistrationSettings(refine_steps=0, device="cpu"),
+        "network only (VoxelMorph, the paper)": RegistrationSettings(refine_steps=0, device="cpu", model=args.model),
         f"refinement only, {DEFAULT_REFINE_STEPS} steps from the translation":
             RegistrationSettings(method="translation", device="cpu"),
-        f"network + refinement, {DEFAULT_REFINE_STEPS} steps (default)": RegistrationSettings(device="cpu"),
+        f"network + refinement, {DEFAULT_REFINE_STEPS} steps (default)": RegistrationSettings(device="cpu",
+                                                                                              model=args.model),
     }
     registrars = {name: Registrar(settings) for name, settings in methods.items()}
     rows: dict[str, list[dict]] = {name: [] for name in methods}
@@ -102,7 +105,8 @@ def write_report(output: Path, volume: sitk.Image, rows: dict[str, list[dict]], 
     lines = [
         "# Registration on real speckle with a known motion",
         "",
-        f"Written by `python benchmarks/bench_registration_real.py{' --tiny' if args.tiny else ''}` on "
+        f"Written by `python benchmarks/bench_registration_real.py{' --tiny' if args.tiny else ''}"
+        f"{' --model ' + args.model if args.model else ''}` on "
         f"{datetime.date.today().isoformat()}: us3d {__version__}, torch {torch.__version__}, SimpleITK "
         f"{sitk.Version.VersionString()}, Python {platform.python_version()}, {platform.machine()}, "
         f"{torch.get_num_threads()} CPU threads, no GPU."

@@ -110,9 +110,12 @@ def band_translations(fixed: torch.Tensor, moving: torch.Tensor, axis: int, spac
     moving_spectra = detail_spectra(slabs(m), moving_masks)
     shifts = []
     for s in range(len(lows)):  # one slab at a time: torch's batched inverse FFT is slower here
-        # a shift must overlap 30% of the data (`detail_translation`): near a sector's apex little of a slab has any
+        # a shift must overlap 30% of the data (`detail_translation`): near a sector's apex little of a slab has any.
+        # The peak weighs the correlation by the overlap's square root: a slab is thin along depth, and with the
+        # whole volume's fourth root the refinement from the translation erred more (benchmark: standard set
+        # 0.217 -> 0.278 mm, sliding 1.315 -> 1.443 mm)
         shifts.append(detail_translation(fixed_slabs[s:s + 1], fixed_masks[s:s + 1], moving_spectra[s:s + 1],
-                                         reduce)[0])
+                                         reduce, 0.3, 0.5)[0])
     out = torch.empty((1, 3) + tuple(fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device)
     full, factor = fixed.shape[axis], reduce[axis - 2]
     bands = [(factor * start, min(full, factor * (start + band))) for start in starts]

@@ -175,10 +175,11 @@ def coarse_translation(fixed: torch.Tensor, moving: torch.Tensor, factor: int = 
 
 
 def detail_translation(detail: torch.Tensor, mask: torch.Tensor, moving_spectra: torch.Tensor, reduce: List[int],
-                       min_overlap: float = 0.3) -> torch.Tensor:
+                       min_overlap: float = 0.3, overlap_power: float = 0.25) -> torch.Tensor:
     """(b, 3) shift in voxels of the input grid (`coarse_translation`'s core), from the fixed side's
     detail and data mask ((b, 1, k, j, i), reduced by `reduce`, as `_detail` makes them) and the moving
-    side's `translation_spectra` on the same reduced grid; a shift must overlap `min_overlap` of the data."""
+    side's `translation_spectra` on the same reduced grid; a shift must overlap `min_overlap` of the data,
+    and the peak is the largest Fisher's z times the overlap's voxel count to the `overlap_power`."""
     shape = [detail.shape[2], detail.shape[3], detail.shape[4]]
     size = _padded_size(shape)
     dims = [2, 3, 4]
@@ -195,12 +196,12 @@ def detail_translation(detail: torch.Tensor, mask: torch.Tensor, moving_spectra:
     var_f = sum_ff - sum_f * sum_f / overlap
     var_m = sum_mm - sum_m * sum_m / overlap
     score = numerator / torch.sqrt((var_f * var_m).clamp(min=1e-12))
-    # the peak: the correlation weighed by its overlap, Fisher's z times the voxel count's fourth root, refined on
-    # the correlation itself. With no weight, small overlaps that correlate well by chance won on a real sweep
-    # (data in 29% of its grid); with the square root (z's significance for independent voxels), the whole
-    # overlap near zero shift won over a true shift of 40% of the field of view on blurred volumes, whose
-    # textures correlate at any shift. Speckle's voxels are not independent: the fourth root avoids both.
-    significance = torch.atanh(score.clamp(-0.999, 0.999)) * overlap.sqrt().sqrt()
+    # the peak: the correlation weighed by its overlap, Fisher's z times a power of the voxel count (by default
+    # the fourth root), refined on the correlation itself. With no weight, small overlaps that correlate well by
+    # chance won on a real sweep (data in 29% of its grid); with the square root (z's significance for
+    # independent voxels), the whole overlap near zero shift won over a true shift of 40% of the field of view
+    # on blurred volumes, whose textures correlate at any shift. Speckle's voxels are not independent.
+    significance = torch.atanh(score.clamp(-0.999, 0.999)) * overlap.pow(overlap_power)
     data = torch.minimum(mask.flatten(1).sum(1), torch.real(moving_spectra[:, 0, 0, 0, 0]))
     allowed = count > min_overlap * data.view(-1, 1, 1, 1)
     for axis in range(3):
