@@ -456,7 +456,7 @@ def model_card(name: str, metadata: dict, validation: list[dict]) -> str:
         + (f"; {100 * training.get('random_motion', 0.0):.0f}% of the pairs are instead one training frame warped by a "
            "random smooth field (bulk shift 0-5 mm SD per axis, a deformation on control points 12-30 mm apart of "
            "0.3-3 mm SD), its texture zoomed 1-2x and half of the time seen through a random data hull "
-           "(`us3d.training.random_motion`), so that the network measures motions and textures the simulator "
+           "(`us3d.training.random_motion`), meant to teach the network motions and textures the simulator "
            "does not make." if training.get("random_motion", 0.0) > 0 else "."),
         f"- **Abdominal wall**: in {sliding} of these {sequences} sequences the wall slides over the liver, in the "
         "others it moves with it; the error in the wall, sequence by sequence, for walls of both kinds: "
