@@ -514,11 +514,8 @@ def train_registration_model(output: str | os.PathLike, settings: RegistrationTr
     cache = Path(cache) if cache is not None else None
     rank0 = int(os.environ.get("RANK", "0")) == 0
     inputs = list(dict.fromkeys(preprocessing))
-    if cache is not None and rank0:
-        prepare_cache([conditions, VALIDATION], frames, inputs, cache)
-    groups = training_groups(inputs, frames, cache, conditions)
     initial, origin = None, None
-    if initial_model is not None:
+    if initial_model is not None:  # checked before the cache, which may take half an hour to fill
         from us3d.models.bundle import load_model
 
         loaded = load_model(initial_model)
@@ -529,6 +526,9 @@ def train_registration_model(output: str | os.PathLike, settings: RegistrationTr
                   "steps": loaded.metadata.get("training", {}).get("steps"),
                   "random_motion": loaded.metadata.get("training", {}).get("random_motion", 0.0),
                   "learning_rate": loaded.metadata.get("training", {}).get("learning_rate")}
+    if cache is not None and rank0:
+        prepare_cache([conditions, VALIDATION], frames, inputs, cache)
+    groups = training_groups(inputs, frames, cache, conditions)
     log_path = output.with_suffix(".log.jsonl")
     if rank0 and log_path.exists():
         log_path.unlink()
