@@ -23,6 +23,15 @@ def test_run_all_tiny_writes_every_section_and_figure(tmp_path):
     assert "Machine: " in report and "| nan" not in report.split("## Registration")[1]
     for figure in ("despeckle.png", "registration.png", "registration-steps.png", "unet-real.png"):
         assert (tmp_path / figure).stat().st_size > 1000
+    # `--sections` alone reassembles RESULTS.md from the section reports, e.g. after one script ran on its own
+    section = tmp_path / "RESULTS-registration.md"
+    section.write_text(section.read_text().replace("# Registration benchmark", "# Registration benchmark, rerun", 1))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--sections", "--outdir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "Assembled by `python benchmarks/run_all.py --sections`" in report
+    assert "## Registration benchmark, rerun" in report and "## U-Net despeckling benchmark" in report
 
 
 def test_device_benchmark_tiny_runs_without_simpleitk(tmp_path):

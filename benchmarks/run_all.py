@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="every section in its quick mode (under 5 minutes)")
     mode.add_argument("--tiny", action="store_true", help="a code-path check on tiny inputs (for the test suite)")
     parser.add_argument("--outdir", default=str(HERE), help="where to write the reports (default benchmarks/)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+    parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS),
                         help="run only these sections; RESULTS.md is assembled from every section's report, "
-                             "each of which states when it was written (default: all)")
+                             "each of which states when it was written (default: all; none: only reassemble "
+                             "RESULTS.md, e.g. after one section's script was run on its own)")
     args = parser.parse_args(argv)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -67,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `python benchmarks/run_all.py{' ' + flags[0] if flags else ''}{rerun}` ({mode_name}) on "
-        f"{datetime.date.today().isoformat()} in {total / 60:.1f} min ("
-        + ", ".join(f"{s} {seconds[s] / 60:.1f} min" for s in args.sections) + ")"
-        + ("; the other sections are from earlier runs, each dated in its own heading line" if rerun else "") + ".",
+        (f"Written by `python benchmarks/run_all.py{' ' + flags[0] if flags else ''}{rerun}` ({mode_name}) on "
+         f"{datetime.date.today().isoformat()} in {total / 60:.1f} min ("
+         + ", ".join(f"{s} {seconds[s] / 60:.1f} min" for s in args.sections) + ")"
+         + ("; the other sections are from earlier runs, each dated in its own heading line" if rerun else "") + "."
+         ) if args.sections else (
+        f"Assembled by `python benchmarks/run_all.py --sections` on {datetime.date.today().isoformat()} from the "
+        "section reports, each from its own run, dated in its own heading line."),
         "",
         f"Machine: {machine()}",
         "",
