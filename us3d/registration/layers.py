@@ -8,6 +8,13 @@ look: each band of depth (3 mm thick) is registered by its own FFT translation, 
 that band's shift where it leaves a clearly smaller local squared difference of the volumes than the
 estimate it had. The refinement (`us3d.registration.refine`) then starts from the result.
 
+A band's translation is measured on a slab around it (10 mm thick), placed three ways
+(`SLAB_PLACEMENTS`): centred on the band, or reaching from the band to one side only. Near the
+interface between a layer that stays and one that slides, the centred slab holds both motions and
+measures a mixture; a one-sided slab that stays within one layer measures that layer's motion
+alone (the shiftable windows of edge-preserving filters). Each voxel takes the placement whose
+shift leaves the smallest local squared difference.
+
 Only voxels with data count: outside a sector scan a B-mode volume is empty, and that empty region
 does not move with the tissue, so an edge of it would pull every shift near a sector's apex to zero.
 
@@ -20,8 +27,11 @@ from __future__ import annotations
 import torch
 
 from us3d.registration import separable
-from us3d.registration.refine import unfold
 from us3d.registration.voxelmorph import _detail, detail_spectra, detail_translation, normalised, transform
+
+#: Where a band's slab lies along depth: centred on the band, reaching shallower from the band's deep
+#: side, or deeper from its shallow side (clamped to the volume).
+SLAB_PLACEMENTS = ("centred", "shallower", "deeper")
 
 
 def depth_axis(volume: torch.Tensor, spacing: tuple[float, float, float], lag_mm: float = 0.6) -> int:
@@ -73,24 +83,27 @@ def _dilated(mask: torch.Tensor, radius: int) -> torch.Tensor:
 def band_translations(fixed: torch.Tensor, moving: torch.Tensor, axis: int, spacing: tuple[float, float, float],
                       band_mm: float = 3.0, slab_mm: float = 10.0,
                       fixed_data: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Each depth band's own translation.
+    """Each depth band's own translation, measured on a slab around the band placed each of the ways of
+    `SLAB_PLACEMENTS`.
 
     The slabs are cut from the volumes' detail (`translation`'s masked, overlap-normalised
     cross-correlation) at half resolution along every axis, only blocks wholly inside the data
-    (`data_mask`) counting, and registered one by one.
+    (`data_mask`) counting, and registered one by one (a slab that two placements share, at the
+    volume's ends, once).
 
     Parameters
     ----------
     fixed, moving : volumes (1, 1, k, j, i) on one grid.
     axis : the depth dimension, 3 (j) or 4 (i) (`depth_axis`).
     spacing : voxel spacing (k, j, i), mm.
-    band_mm, slab_mm : thickness of a band and of the slab around it that is registered, mm.
+    band_mm, slab_mm : thickness of a band and of the slab that is registered for it, mm.
     fixed_data : `data_mask(fixed)`, when already made.
 
     Returns
     -------
-    displacement : (1, 3, k, j, i) voxels, channels (k, j, i), constant in each band of about `band_mm`
-        along `axis`: the shift of the slab of about `slab_mm` centred on the band.
+    displacements : (3, 3, k, j, i) voxels: for each placement of `SLAB_PLACEMENTS` in turn, a
+        displacement (3, k, j, i), channels (k, j, i), constant in each band of about `band_mm` along
+        `axis`: the shift of that band's slab of about `slab_mm`.
     bands : (start, stop) voxels of each band along `axis`.
     """
     reduce = [2, 2, 2]  # no worse than (1, 2, 2) on the validation seeds, in half the time
@@ -101,26 +114,30 @@ def band_translations(fixed: torch.Tensor, moving: torch.Tensor, axis: int, spac
     band = max(2, int(round(band_mm / step_mm)))
     slab = min(n, max(band, int(round(slab_mm / step_mm))))
     starts = list(range(0, n, band))
-    lows = [max(0, min(n - slab, start + band // 2 - slab // 2)) for start in starts]
+    offsets = {"centred": band // 2 - slab // 2, "shallower": band - slab, "deeper": 0}  # slab start - band start
+    lows = [[max(0, min(n - slab, start + offsets[placement])) for start in starts] for placement in SLAB_PLACEMENTS]
+    unique = sorted({low for row in lows for low in row})
 
     def slabs(volume: torch.Tensor) -> torch.Tensor:
-        return torch.cat([volume.narrow(axis, low, slab) for low in lows])
+        return torch.cat([volume.narrow(axis, low, slab) for low in unique])
 
     fixed_slabs, fixed_masks, moving_masks = slabs(f), slabs(fixed_mask), slabs(moving_mask)
     moving_spectra = detail_spectra(slabs(m), moving_masks)
-    shifts = []
-    for s in range(len(lows)):  # one slab at a time: torch's batched inverse FFT is slower here
+    shifts = {}
+    for s, low in enumerate(unique):  # one slab at a time: torch's batched inverse FFT is slower here
         # a shift must overlap 30% of the data (`detail_translation`): near a sector's apex little of a slab has any.
         # The peak weighs the correlation by the overlap's square root: a slab is thin along depth, and with the
         # whole volume's fourth root the refinement from the translation erred more (benchmark: standard set
         # 0.217 -> 0.278 mm, sliding 1.315 -> 1.443 mm)
-        shifts.append(detail_translation(fixed_slabs[s:s + 1], fixed_masks[s:s + 1], moving_spectra[s:s + 1],
-                                         reduce, 0.3, 0.5)[0])
-    out = torch.empty((1, 3) + tuple(fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device)
+        shifts[low] = detail_translation(fixed_slabs[s:s + 1], fixed_masks[s:s + 1], moving_spectra[s:s + 1],
+                                         reduce, 0.3, 0.5)[0]
+    out = torch.empty((len(SLAB_PLACEMENTS), 3) + tuple(fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device)
     full, factor = fixed.shape[axis], reduce[axis - 2]
     bands = [(factor * start, min(full, factor * (start + band))) for start in starts]
-    for (begin, stop), shift in zip(bands, shifts):
-        out.narrow(axis, begin, stop - begin).copy_(shift.view(1, 3, 1, 1, 1).expand_as(out.narrow(axis, begin, stop - begin)))
+    for placement, row in enumerate(lows):
+        for (begin, stop), low in zip(bands, row):
+            part = out[placement:placement + 1].narrow(axis, begin, stop - begin)
+            part.copy_(shifts[low].view(1, 3, 1, 1, 1).expand_as(part))
     return out, bands
 
 
@@ -132,10 +149,12 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
     (`band_translations`) where that matches better. A new tensor.
 
     The local squared difference of the normalised volumes (Gaussian-weighted over the fixed volume's
-    data) decides: a band's shift is taken where it is at least `margin` smaller than with
-    `displacement`, and only in bands where it is smaller over the band as a whole. The choice is
+    data) decides: each voxel's candidate is the band shift, of the three slab placements, that leaves
+    the smallest; it is taken where it is at least `margin` smaller than with `displacement`, and only
+    in bands where the candidates do better than `displacement` over the band as a whole. The choice is
     blended over `blend` voxels along depth and more widely across it where the shifts differ much
-    (`_blend_widths`); folds that remain are smoothed away (`us3d.registration.refine.unfold`).
+    (`_blend_widths`). The result may fold where the choice changes: the refinement that follows
+    (`us3d.registration.refine.refine`) removes that.
 
     Parameters
     ----------
@@ -152,13 +171,22 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
     axis = depth_axis(fixed, spacing) if axis is None else axis
     fixed_n, moving_n = normalised(fixed), normalised(moving)
     inside = data_mask(fixed)  # the squared difference is averaged over the fixed volume's data only
-    candidate, bands = band_translations(fixed_n, moving_n, axis, spacing, band_mm, slab_mm, inside)
+    candidates, bands = band_translations(fixed_n, moving_n, axis, spacing, band_mm, slab_mm, inside)
     weight_sum = separable.gaussian(inside, sigma, True).clamp(min=1e-6)
 
-    def local_difference(field: torch.Tensor) -> torch.Tensor:
-        return separable.gaussian(inside * (fixed_n - transform(moving_n, field)).pow(2), sigma, True) / weight_sum
+    def local_difference(fields: torch.Tensor) -> torch.Tensor:  # (n, 1, k, j, i) for n fields (n, 3, k, j, i)
+        warped = transform(moving_n.expand(fields.shape[0], -1, -1, -1, -1), fields)
+        return separable.gaussian(inside * (fixed_n - warped).pow(2), sigma, True) / weight_sum
 
-    with_candidate, with_estimate = local_difference(candidate), local_difference(displacement)
+    # each voxel's candidate: the slab placement whose band shift matches best there (elementwise: torch's
+    # argmin across a leading dimension of 3 took about 100 ms on a 128x128x32 volume)
+    differences = local_difference(candidates)
+    candidate, with_candidate = candidates[:1], differences[:1]
+    for placement in range(1, len(candidates)):
+        closer = differences[placement:placement + 1] < with_candidate
+        candidate = torch.where(closer, candidates[placement:placement + 1], candidate)
+        with_candidate = torch.minimum(with_candidate, differences[placement:placement + 1])
+    with_estimate = local_difference(displacement)
     better = (with_candidate < (1.0 - margin) * with_estimate).to(displacement.dtype)
     for begin, stop in bands:  # a band's shift must match better over the band as a whole
         if float(with_candidate.narrow(axis, begin, stop - begin).mean()) >= \
@@ -166,8 +194,9 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
             better.narrow(axis, begin, stop - begin).zero_()
     weight = separable.apply(better, [separable.gaussian_matrix(better.shape[2 + a], width, better, True)
                                       for a, width in enumerate(_blend_widths(candidate - displacement, better, axis, blend))])
-    # folds the blend still makes are smoothed away there only
-    return unfold(displacement * (1.0 - weight) + candidate * weight)
+    # folds the blend makes are left to the refinement, which always follows: it smooths its start, penalises
+    # folding and unfolds its result (unfolding here too took 50-170 ms a pair and changed no validation figure)
+    return displacement * (1.0 - weight) + candidate * weight
 
 
 def _blend_widths(jump: torch.Tensor, taken: torch.Tensor, axis: int, blend: float) -> list[float]:
