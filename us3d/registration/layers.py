@@ -29,9 +29,10 @@ import torch
 from us3d.registration import separable
 from us3d.registration.voxelmorph import _detail, detail_spectra, detail_translation, normalised, transform
 
-#: Where a band's slab lies along depth: centred on the band, reaching shallower from the band's deep
-#: side, or deeper from its shallow side (clamped to the volume).
-SLAB_PLACEMENTS = ("centred", "shallower", "deeper")
+#: Where a band's slab lies along the depth axis: centred on the band, ending at the band's far end and
+#: reaching towards lower indices ("before"), or starting at the band and reaching towards higher ones
+#: ("after"); clamped to the volume. Which of the two is shallower depends on the volume's orientation.
+SLAB_PLACEMENTS = ("centred", "before", "after")
 
 
 def depth_axis(volume: torch.Tensor, spacing: tuple[float, float, float], lag_mm: float = 0.6) -> int:
@@ -114,7 +115,7 @@ def band_translations(fixed: torch.Tensor, moving: torch.Tensor, axis: int, spac
     band = max(2, int(round(band_mm / step_mm)))
     slab = min(n, max(band, int(round(slab_mm / step_mm))))
     starts = list(range(0, n, band))
-    offsets = {"centred": band // 2 - slab // 2, "shallower": band - slab, "deeper": 0}  # slab start - band start
+    offsets = {"centred": band // 2 - slab // 2, "before": band - slab, "after": 0}  # slab start - band start
     lows = [[max(0, min(n - slab, start + offsets[placement])) for start in starts] for placement in SLAB_PLACEMENTS]
     unique = sorted({low for row in lows for low in row})
 
@@ -130,7 +131,7 @@ def band_translations(fixed: torch.Tensor, moving: torch.Tensor, axis: int, spac
         # whole volume's fourth root the refinement from the translation erred more (benchmark: standard set
         # 0.217 -> 0.278 mm, sliding 1.315 -> 1.443 mm)
         shifts[low] = detail_translation(fixed_slabs[s:s + 1], fixed_masks[s:s + 1], moving_spectra[s:s + 1],
-                                         reduce, 0.3, 0.5)[0]
+                                         reduce, min_overlap=0.3, overlap_power=0.5)[0]
     out = torch.empty((len(SLAB_PLACEMENTS), 3) + tuple(fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device)
     full, factor = fixed.shape[axis], reduce[axis - 2]
     bands = [(factor * start, min(full, factor * (start + band))) for start in starts]
