@@ -3,9 +3,12 @@ from pathlib import Path
 
 import pytest
 
+from us3d.allocator import reuse_freed_memory
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_REFERENCE = ROOT.parent / "shared" / "reference"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+reuse_freed_memory()  # as the us3d CLI does: the simulated sequences' large tensors then reuse freed memory
 
 
 @pytest.fixture(scope="session")

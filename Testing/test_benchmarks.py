@@ -75,13 +75,14 @@ def test_working_grid_benchmark_tiny_compares_both_grids(tmp_path):
 def test_registration_diagnosis_quick_splits_the_error_at_the_wall(tmp_path):
     output = tmp_path / "diagnosis.md"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "diagnose_registration.py"), "--quick",
-                             "--output", str(output), "--cache", str(tmp_path / "cache")],
+                             "--sets", "varied", "--output", str(output), "--cache", str(tmp_path / "cache")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split(" | ") for line in output.read_text().splitlines() if line.startswith("| varied |")]
     assert len(rows) == 1
     pairs, epe, outside, inside = int(rows[0][1]), float(rows[0][2]), float(rows[0][3]), float(rows[0][4])
     assert pairs > 0 and outside < epe < inside  # the wall is where the error is largest
+    assert "--quick --sets varied`" in output.read_text() and "| standard |" not in output.read_text()
 
 
 def test_real_speckle_registration_benchmark_tiny_scores_every_method(tmp_path):
