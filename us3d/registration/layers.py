@@ -145,13 +145,12 @@ def band_translations(fixed: torch.Tensor, moving: torch.Tensor, axis: int, spac
 def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor,
                             spacing: tuple[float, float, float], axis: int | None = None, sigma: float = 3.0,
                             margin: float = 0.1, blend: float = 3.0, band_mm: float = 3.0,
-                            slab_mm: float = 10.0, window_shift: int = 4) -> torch.Tensor:
+                            slab_mm: float = 10.0) -> torch.Tensor:
     """`displacement` with each voxel's shift replaced by its depth band's translation
     (`band_translations`) where that matches better. A new tensor.
 
     The local squared difference of the normalised volumes (Gaussian-weighted over the fixed volume's
-    data, the smallest of three windows that hold the voxel: centred on it and `window_shift` voxels to
-    either side along depth) decides: each voxel's candidate is the band shift, of the three slab placements, that leaves
+    data) decides: each voxel's candidate is the band shift, of the three slab placements, that leaves
     the smallest; it is taken where it is at least `margin` smaller than with `displacement`, and only
     in bands where the candidates do better than `displacement` over the band as a whole. The choice is
     blended over `blend` voxels along depth and more widely across it where the shifts differ much
@@ -169,11 +168,6 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
     margin : relative improvement of the local squared difference a band's shift needs to be taken.
     blend : Gaussian sigma (voxels) over which the choice is blended along depth, and at least across it.
     band_mm, slab_mm : see `band_translations`.
-    window_shift : voxels along depth by which the two other windows of the local squared difference are
-        moved. Next to an interface, a centred window holds both layers, and the layer whose speckle is
-        the brighter decides for both; one of the moved windows holds mostly the voxel's own layer.
-        0: the centred window alone. 4 (with `sigma` 3) was chosen on validation and dev sequences
-        (varied set 0.335 -> 0.294 mm mean EPE, dev sliding 0.735 -> 0.716 mm).
     """
     axis = depth_axis(fixed, spacing) if axis is None else axis
     fixed_n, moving_n = normalised(fixed), normalised(moving)
@@ -187,13 +181,13 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
 
     # each voxel's candidate: the slab placement whose band shift matches best there (elementwise: torch's
     # argmin across a leading dimension of 3 took about 100 ms on a 128x128x32 volume)
-    differences = _shiftable(local_difference(candidates), axis, window_shift)
+    differences = local_difference(candidates)
     candidate, with_candidate = candidates[:1], differences[:1]
     for placement in range(1, len(candidates)):
         closer = differences[placement:placement + 1] < with_candidate
         candidate = torch.where(closer, candidates[placement:placement + 1], candidate)
         with_candidate = torch.minimum(with_candidate, differences[placement:placement + 1])
-    with_estimate = _shiftable(local_difference(displacement), axis, window_shift)
+    with_estimate = local_difference(displacement)
     better = (with_candidate < (1.0 - margin) * with_estimate).to(displacement.dtype)
     for begin, stop in bands:  # a band's shift must match better over the band as a whole
         if float(with_candidate.narrow(axis, begin, stop - begin).mean()) >= \
@@ -204,19 +198,6 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
     # folds the blend makes are left to the refinement, which always follows: it smooths its start, penalises
     # folding and unfolds its result (unfolding here too took 50-170 ms a pair and changed no validation figure)
     return displacement * (1.0 - weight) + candidate * weight
-
-
-def _shiftable(local: torch.Tensor, axis: int, shift: int) -> torch.Tensor:
-    """The smallest of `local` (n, 1, k, j, i) and its copies moved `shift` voxels each way along `axis`
-    (edges repeated): each voxel's best of three windows that hold it."""
-    n = local.shape[axis]
-    shift = min(shift, n - 1)
-    if shift <= 0:
-        return local
-    pads = [0] * 6
-    pads[2 * (4 - axis)] = pads[2 * (4 - axis) + 1] = shift  # F.pad lists i's pads first
-    padded = torch.nn.functional.pad(local, pads, mode="replicate")
-    return torch.minimum(local, torch.minimum(padded.narrow(axis, 0, n), padded.narrow(axis, 2 * shift, n)))
 
 
 def _blend_widths(jump: torch.Tensor, taken: torch.Tensor, axis: int, blend: float) -> list[float]:
