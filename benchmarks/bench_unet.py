@@ -125,10 +125,12 @@ def evaluate(standard, varied, models: Models, settings: ObnlmSettings) -> tuple
     return fidelity, truth
 
 
-def diagnose(seeds, models: Models, settings: ObnlmSettings, values_per_factor: int = 3) -> list[dict]:
-    """Fidelity with one imaging factor changed at a time (standard configuration otherwise)."""
+def diagnose(seeds, models: Models, settings: ObnlmSettings, values_per_factor: int = 3,
+             factors: int = len(DIAGNOSIS)) -> list[dict]:
+    """Fidelity with one imaging factor changed at a time (standard configuration otherwise), for the
+    first `factors` factors of DIAGNOSIS."""
     rows = []
-    for factor, (field, values) in DIAGNOSIS.items():
+    for factor, (field, values) in list(DIAGNOSIS.items())[:factors]:
         for value in values[:values_per_factor]:
             results = []
             for seed in seeds:
@@ -311,8 +313,8 @@ def report(fidelity, truth, diagnosis, times, model_info, quick, figure: str) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer held-out volumes and repeats")
-    parser.add_argument("--tiny", action="store_true", help="a code-path check: 1 volume per set, 1 repeat (for the "
-                                                            "test suite)")
+    parser.add_argument("--tiny", action="store_true", help="a code-path check: 1 volume per set, 1 repeat, one "
+                                                            "imaging factor (for the test suite)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "RESULTS-unet.md"))
     parser.add_argument("--obnlm-model", default="unet-obnlm")
     parser.add_argument("--sim-model", default="unet-sim")
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     count = (lambda seeds, quick: seeds[:1] if args.tiny else seeds[:quick] if args.quick else seeds)
     fidelity, truth = evaluate(count(STANDARD_SEEDS, 2), count(VARIED_SEEDS, 4), models, settings)
     diagnosis = diagnose(DIAGNOSIS_SEEDS[:1] if args.tiny or args.quick else DIAGNOSIS_SEEDS, models, settings,
-                         1 if args.tiny else 3)
+                         1 if args.tiny else 3, 1 if args.tiny else len(DIAGNOSIS))
     figure = Path(args.output).parent / "unet-real.png"
     real_figure(figure, models, settings, REAL_FIGURE[:1] if args.tiny else REAL_FIGURE)
     times = speed(settings, models, 1 if args.tiny else 3 if args.quick else 9)
