@@ -376,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     lines += table(results, list(SETS))
     lines += [
         "",
-        ("Demons: the largest-motion pair of each sequence" if not args.tiny else
-         "Demons: one pair of the standard set") + "; B-spline: the largest-motion pair of the standard and "
-        "sliding sets only (it takes minutes per pair).",
+        ("Demons: the largest-motion pair of each sequence" if not small else
+         "Demons: the first pair (frame 1) of each set" if args.quick else
+         "Demons: one pair of the standard set") + ("; B-spline: the largest-motion pair of the standard and "
+                                                   "sliding sets only (it takes minutes per pair)." if spline_rows else
+                                                   "; B-spline: not run in this mode (minutes per pair)."),
         "",
         "## Goals (issue 11), standard and varied sets pooled unless said",
         "",
