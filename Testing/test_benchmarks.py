@@ -8,8 +8,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_run_all_tiny_writes_every_section_and_figure(tmp_path):
+    # run from tmp_path: the registration section caches its sequences in ./.cache, not in the checkout
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--tiny", "--outdir",
-                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+                             str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "RESULTS.md").read_text()
     for heading in ("## OBNLM speed", "## Despeckling: this project against", "## U-Net despeckling benchmark",
