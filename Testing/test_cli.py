@@ -24,7 +24,8 @@ def run(*args):
             code = main([str(a) for a in args])
         except SystemExit as done:  # argparse's usage errors
             code = done.code if isinstance(done.code, int) else 1
-    torch.set_num_threads(threads)
+        finally:
+            torch.set_num_threads(threads)
     return code, out.getvalue(), err.getvalue()
 
 

@@ -107,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     setup, frames = (TINY, 3) if args.tiny else (CLINICAL, args.frames)
     import us3d
 
+    def simulate_into(path: str) -> None:
+        us3d.write(simulate_sequence(frames, SEED, setup).to_sequence(), path)
+
     if args.simulate_into:
-        us3d.write(simulate_sequence(frames, SEED, setup).to_sequence(), args.simulate_into)
+        simulate_into(args.simulate_into)
         return 0
 
     cache = Path(args.cache)
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         # simulated here: a few MiB, and a child's start-up (about 4 s) is most of the check's time.
         start = time.perf_counter()
         if args.tiny:
-            us3d.write(simulate_sequence(frames, SEED, setup).to_sequence(), str(sequence_path))
+            simulate_into(str(sequence_path))
         else:
             subprocess.run([sys.executable, __file__, "--simulate-into", str(sequence_path), "--frames", str(frames)],
                            check=True)

@@ -107,14 +107,14 @@ def pairs_of(sequences, conditions: str) -> list[Pair]:
     return out
 
 
-def score(pair: Pair, field: sitk.Image, seconds: float) -> dict:
+def score(pair: Pair, field: sitk.Image, seconds: float, bands=BANDS) -> dict:
     error = np.linalg.norm(field_array(field) - field_array(pair.truth), axis=-1)
     inside = error[pair.inside]
     row = {"sequence": pair.sequence, "conditions": pair.conditions, "frame": pair.frame, "epe": float(inside.mean()),
            "p95": float(np.percentile(inside, 95)), "folding": folding_fraction(field), "seconds": seconds,
            "big": pair.peak_motion >= BIG_MOTION_MM, "motion": pair.peak_motion}
     if pair.depth is not None:
-        for low, high, name in BANDS:
+        for low, high, name in bands:
             band = pair.inside & (pair.depth >= low) & (pair.depth < high)
             row[name] = float(error[band].mean()) if band.any() else float("nan")
     return row

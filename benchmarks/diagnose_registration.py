@@ -30,17 +30,18 @@ from us3d import Registrar, RegistrationSettings, __version__
 from us3d.allocator import reuse_freed_memory
 from us3d.io import VolumeSequence
 from us3d.phantom import LABELS, SIMULATOR_VERSION
-from us3d.registration.fields import field_array
 from us3d.registration.refine import RefinementSettings, _gaussian
 from us3d.registration.voxelmorph import normalised, transform
 from us3d.training.registration import (TEST, TRAINING, motion_sequences, sliding_walls, source_inside_voxels,
                                         truth_in_voxels)
 
-BIG_MOTION_MM = 9.0
+from bench_registration import BANDS, BIG_MOTION_MM, pairs_of, score  # this folder's benchmark: pairs, truth, scores
+
 SETS = tuple(TEST)  # the held-out sets: standard, varied, sliding
-#: The band of issue 11's goal (bench_registration.BANDS: [-1, 3) mm below the abdominal wall's base, so
-#: its lowest 1 mm of wall as well) and its parts on either side of the base, mm.
-GOAL_BAND_PARTS = ((-1.0, 3.0), (-1.0, 0.0), (0.0, 3.0), (0.0, 1.0), (1.0, 3.0))
+#: The band of issue 11's goal (BANDS[1]: [-1, 3) mm below the abdominal wall's base, so its lowest 1 mm of
+#: wall as well) and its parts on either side of the base, mm.
+_LOW, _HIGH = BANDS[1][:2]
+GOAL_BAND_PARTS = ((_LOW, _HIGH), (_LOW, 0.0), (0.0, _HIGH), (0.0, 1.0), (1.0, _HIGH))
 
 
 def mismatch(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
@@ -109,17 +110,13 @@ def diagnose(registrars: dict[str, Registrar], conditions: str, seeds, cache: Pa
 
 def goal_band_parts(registrar: Registrar, seeds, frames: int, cache: Path) -> dict[tuple, list[float]]:
     """Per band of GOAL_BAND_PARTS, the mean EPE (mm) of `registrar` in it on every pair (frame 0 to each
-    frame) of the sliding sequences `seeds`, scored as bench_registration.py scores them."""
-    from bench_registration import pairs_of  # this folder's benchmark: the same pairs, truth and depths
-
-    errors = {band: [] for band in GOAL_BAND_PARTS}
+    frame) of the sliding sequences `seeds`, scored by bench_registration.py's `score`."""
+    bands = [(low, high, f"[{low:g}, {high:g})") for low, high in GOAL_BAND_PARTS]
+    rows = []
     for pair in pairs_of(motion_sequences("sliding", seeds, frames, "none", cache), "sliding"):
         result = registrar.register_pair(pair.fixed, pair.moving)
-        error = np.linalg.norm(field_array(result.field) - field_array(pair.truth), axis=-1)
-        for low, high in GOAL_BAND_PARTS:
-            band = pair.inside & (pair.depth >= low) & (pair.depth < high)
-            errors[(low, high)].append(float(error[band].mean()) if band.any() else float("nan"))
-    return errors
+        rows.append(score(pair, result.field, result.seconds, bands))
+    return {(low, high): [row[name] for row in rows] for low, high, name in bands}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = {"rigid only": Registrar(RegistrationSettings(method="translation", refine_steps=0, device="cpu")),
                "network only": Registrar(RegistrationSettings(refine_steps=0, device="cpu")),
                "default": Registrar(RegistrationSettings(device="cpu"))}
+    seeds = {c: TEST[c][:1] if args.quick else TEST[c] for c in args.sets}
+    frames = 5 if args.quick else 8
     results, walls = {}, []
     for c in args.sets:
-        results[c], rows = diagnose(methods, c, TEST[c][:1] if args.quick else TEST[c], Path(args.cache),
-                                    5 if args.quick else 8)
+        results[c], rows = diagnose(methods, c, seeds[c], Path(args.cache), frames)
         walls += rows
     lines = [
         "# Where the registration's error lies on large motion",
@@ -181,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {r['pairs']} | {r['follow']:.2f} | "
                      + " | ".join(f"{r[m]:.2f}" for m in methods) + " |")
     if "sliding" in args.sets:
-        seeds = TEST["sliding"][:1] if args.quick else TEST["sliding"]
-        parts = goal_band_parts(methods["default"], seeds, 5 if args.quick else 8, Path(args.cache))
+        parts = goal_band_parts(methods["default"], seeds["sliding"], frames, Path(args.cache))
         lines += [
             "",
             "## The goal's band next to the sliding interface, split at the wall's base",
