@@ -25,6 +25,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch.optim.adam import adam
 
 from us3d.registration import separable
 from us3d.registration.voxelmorph import normalised, transform
@@ -74,6 +75,23 @@ class RefinementSettings:
     initial_smoothing: float = 2.0
     linearise_every: int = 4
     unfold_passes: int = 32
+
+
+class _Adam:
+    """Adam with torch's defaults on one tensor, through `torch.optim.adam.adam`'s fused kernel: what
+    `torch.optim.Adam([parameter], lr, fused=True)` runs, without constructing the optimiser, which
+    imports torch._dynamo (2.3 s in each new process: each CLI command and background run)."""
+
+    def __init__(self, parameter: torch.Tensor, learning_rate: float):
+        self.parameter, self.learning_rate = parameter, learning_rate
+        self.first, self.second = torch.zeros_like(parameter), torch.zeros_like(parameter)
+        self.count = torch.zeros((), dtype=torch.float32, device=parameter.device)
+
+    def step(self) -> None:
+        with torch.no_grad():
+            adam([self.parameter], [self.parameter.grad], [self.first], [self.second], [], [self.count], fused=True,
+                 amsgrad=False, beta1=0.9, beta2=0.999, lr=self.learning_rate, weight_decay=0.0, eps=1e-8,
+                 maximize=False)
 
 
 def _gaussian(volume: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -457,7 +475,7 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
                                   dtype=control.dtype, device=control.device).view(1, 3, 1, 1, 1)
         with torch.no_grad():
             start_on_control = _control_to_dense(start, control_size) * to_control
-        optimiser = torch.optim.Adam([control], lr=settings.learning_rate, fused=True)  # one kernel per step
+        optimiser = _Adam(control, settings.learning_rate)
         to_dense = _linear_maps(control_size, size, control)
         axes = _interpolation_axes(control_size, size)  # the same, for the compiled kernels
         moving_and_gradient = _with_gradient(level_moving) if settings.linearise_every > 1 else level_moving
@@ -478,7 +496,7 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
                                                                  level_fixed, axes)
                 image = _LinearisedImageTerm.apply(control - anchor, difference, slopes, to_dense, axes) / covered
             loss = image + _control_terms(control, start_on_control, to_mm, control_mm, to_control, settings)
-            optimiser.zero_grad(set_to_none=True)
+            control.grad = None
             loss.backward()
             optimiser.step()
         with torch.no_grad():
