@@ -178,6 +178,31 @@ def test_the_wall_slides_at_its_base_in_every_frame(sliding_16mm):
     assert np.abs(field[:, margin:][below][:, 0]).min() > 3.0
 
 
+def test_breathing_motion_is_the_sequence_s_truth_and_its_interface_can_be_made_sharp(sliding_16mm):
+    """`breathing_motion` gives the displacement `simulate_sequence` stores; with `interface_width` 0 the
+    field jumps from the wall's motion to the liver's at the base and is unchanged away from it."""
+    import dataclasses as _dc
+
+    from us3d.phantom import BreathingSettings, ImagingSetup, breathing_motion
+
+    phantom, breathing = sliding_16mm, BreathingSettings(amplitude=16.0)
+    grid = ImagingSetup().voxel_centres()
+    smooth = breathing_motion(2, None, breathing).backward(grid, 3).numpy()
+    np.testing.assert_array_equal(smooth, phantom.displacement[3])
+    sharp = breathing_motion(2, None, _dc.replace(breathing, interface_width=0.0)).backward(grid, 3).numpy()
+    change = np.abs(sharp - smooth)[..., 0]  # along x, the axis the liver slides along
+    wall = phantom.labels[3] == LABELS["abdominal_wall"]
+    depth = np.arange(wall.shape[1]).reshape(1, -1, 1)
+    base = np.where(wall, depth, -1).max(axis=1, keepdims=True)  # the wall's lowest row in each column
+    far = np.abs(depth - base) * phantom.spacing[1] > 3.0  # mm from the base
+    assert change[far & (base >= 0)].max() < 0.01
+    near = (np.abs(depth - base) <= 1) & (base >= 0)  # the rows next to the base: the smooth step's middle
+    assert np.median(change[near]) > 2.0
+    # the sharp field takes one of two values across the base in a column: the wall's or the liver's
+    column = sharp[16, :, 64, 0]
+    assert np.abs(np.diff(column)).max() > 10.0 and np.sort(np.abs(np.diff(column)))[-2] < 1.0
+
+
 def test_a_shallow_field_of_view_still_simulates():
     """Lesion and vessel depths fall back to the middle of the liver when it is too thin to draw them
     (a varied setup with fine axial spacing failed with 'high - low < 0')."""

@@ -20,8 +20,8 @@ from us3d.phantom.speckle import ImagingSetup, expected_bmode, form_envelope, lo
 if TYPE_CHECKING:
     from us3d.io import VolumeSequence
 
-__all__ = ["LABELS", "SIMULATOR_VERSION", "BreathingSettings", "ImagingSetup", "PhantomSequence", "simulate_sequence",
-           "simulate_volume"]
+__all__ = ["LABELS", "SIMULATOR_VERSION", "BreathingSettings", "ImagingSetup", "PhantomSequence", "breathing_motion",
+           "simulate_sequence", "simulate_volume"]
 
 #: Raised whenever a seed's frames or true motion change, so that caches of simulated data are remade.
 #: 2: the abdominal wall slides at its base in the tissue, not at a fixed depth of the image.
@@ -65,8 +65,7 @@ def simulate_sequence(n_frames: int = 8, seed: int = 0, setup: ImagingSetup | No
         raise ValueError("n_frames must be >= 1")
     setup = setup or ImagingSetup()
     anatomy = LiverAnatomy(setup.extent, seed)
-    motion = BreathingMotion(setup.extent, anatomy.wall_depth, seed, breathing or BreathingSettings(),
-                             anatomy.wall_tilt)
+    motion = breathing_motion(seed, setup, breathing, anatomy)
     generator = torch.Generator().manual_seed(seed)
 
     # Scatterers fixed to the tissue, over the field of view plus what can move into it.
@@ -102,6 +101,16 @@ def simulate_sequence(n_frames: int = 8, seed: int = 0, setup: ImagingSetup | No
         if progress is not None:
             progress(t + 1, n_frames)
     return out
+
+
+def breathing_motion(seed: int, setup: ImagingSetup | None = None, breathing: BreathingSettings | None = None,
+                     anatomy: LiverAnatomy | None = None) -> BreathingMotion:
+    """The breathing motion that `simulate_sequence(n, seed, setup, breathing)` moves the tissue by: its
+    `backward(points, t)` is frame t's true displacement (mm) at points (..., 3) (x, y, z) mm, such as
+    `setup.voxel_centres()`. `anatomy`: the seed's `LiverAnatomy` when already made."""
+    setup = setup or ImagingSetup()
+    anatomy = anatomy or LiverAnatomy(setup.extent, seed)
+    return BreathingMotion(setup.extent, anatomy.wall_depth, seed, breathing or BreathingSettings(), anatomy.wall_tilt)
 
 
 def simulate_volume(seed: int = 0, setup: ImagingSetup | None = None) -> PhantomSequence:

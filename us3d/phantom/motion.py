@@ -38,6 +38,8 @@ class BreathingSettings:
     wall_follow : fraction of the liver's SI/LR motion that a sliding wall still makes (0: none).
     depth_gain : relative increase of the SI/LR amplitude from top to bottom of the field of view.
     period : frames per breathing cycle (drawn in 7-9).
+    interface_width : scale of the smooth (logistic) step across the wall's base from the wall's SI/LR
+        motion to the liver's, mm; 0 makes the step sharp (a field that jumps there).
     """
 
     max_amplitude: float = 12.0
@@ -47,6 +49,7 @@ class BreathingSettings:
     wall_follow: float = 0.0
     depth_gain: float | None = None
     period: float | None = None
+    interface_width: float = 0.4
 
 
 @dataclasses.dataclass
@@ -88,12 +91,14 @@ class BreathingMotion:
 
     def _liver(self, reference_x: torch.Tensor, reference_y: torch.Tensor) -> torch.Tensor:
         """How much of the liver's SI/LR motion the tissue at reference position (x, y) makes: 1 in the
-        liver; in a sliding wall `wall_follow`, with a 0.4 mm smooth step across the wall's base."""
+        liver; in a sliding wall `wall_follow`, with a smooth step across the wall's base (a logistic of scale
+        `interface_width`, 0.4 mm by default; a sharp one at 0)."""
         if not self.settings.sliding:
             return torch.ones_like(reference_y)
         follow = self.settings.wall_follow
         base = self.wall_depth + self.wall_tilt * (reference_x - self.extent[0] / 2)
-        step = torch.sigmoid((reference_y - base) / 0.4)
+        width = self.settings.interface_width
+        step = torch.sigmoid((reference_y - base) / width) if width > 0 else (reference_y > base).to(reference_y.dtype)
         return follow + (1.0 - follow) * step if follow else step
 
     def _ap(self, y: torch.Tensor, b: float) -> torch.Tensor:
