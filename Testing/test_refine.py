@@ -191,6 +191,44 @@ def test_zero_refinement_steps_give_the_pure_network():
     np.testing.assert_allclose(registrar.displacement(fixed, moving).numpy(), expected.numpy(), atol=1e-4)
 
 
+def test_the_registrar_refines_with_the_settings_it_is_given():
+    """`Registrar(settings, refinement)`: the refinement's settings but its steps, which stay the
+    registration settings' own; its local normalisation reaches the registration."""
+    from us3d.registration.pairs import Registrar, RegistrationSettings
+
+    fixed, moving, _ = _pair()
+    settings = RegistrationSettings(method="translation", refine_steps=6, device="cpu")
+    plain = Registrar(settings, RefinementSettings(steps=99, local_normalisation=0.0))
+    default = Registrar(settings)
+    assert plain.refinement == RefinementSettings(steps=6, local_normalisation=0.0)
+    assert default.refinement == RefinementSettings(steps=6)
+    assert not torch.equal(plain.displacement(fixed, moving), default.displacement(fixed, moving))
+
+
+def test_local_normalisation_gives_dark_and_bright_speckle_one_scale():
+    from us3d.registration.refine import locally_normalised
+    from us3d.registration.voxelmorph import normalised
+
+    """Two layers with different means and speckle contrasts (half the other's) come out with zero mean and one
+    scale: what is left is the speckle, not which layer is brighter; the flat region without data stays
+    about 0."""
+    texture = _speckle((8, 64, 64), 3)
+    texture = texture / texture.std()
+    volume = 60.0 + 10.0 * texture
+    volume[:, :, :, :32] = 30.0 + 5.0 * texture[:, :, :, :32]  # a dark layer
+    volume[:, :, :, :, :16] = 0.0  # no data
+    out = locally_normalised(volume, 3.0)[0, 0]
+    dark, bright = out[2:-2, 8:24, 24:-4], out[2:-2, 40:-4, 24:-4]
+    assert 0.6 < float(dark.std()) < 1.1 and 0.6 < float(bright.std()) < 1.1, (dark.std(), bright.std())
+    assert float(dark.std()) > 0.75 * float(bright.std())  # normalised as a whole: 0.5
+    assert abs(float(dark.mean())) < 0.1 and abs(float(bright.mean())) < 0.1
+    assert float(out[:, :, :6].abs().max()) < 0.05
+    plain = normalised(volume)[0, 0]
+    assert float(plain[2:-2, 8:24, 24:-4].std()) < 0.6 * float(plain[2:-2, 40:-4, 24:-4].std())
+    assert float(plain[2:-2, 40:-4, 24:-4].mean() - plain[2:-2, 8:24, 24:-4].mean()) > 1.0  # the local one removes it
+    assert torch.equal(locally_normalised(volume, 0.0), normalised(volume))
+
+
 def test_network_and_refinement_track_simulated_breathing():
     """The default (network + refinement) on a held-out simulated pair: the error is a small
     fraction of the motion, below the network alone's, and nothing folds."""

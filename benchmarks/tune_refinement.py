@@ -37,6 +37,7 @@ from us3d.training.registration import VALIDATION, motion_sequences, source_insi
 TUNING = dict(VALIDATION, sliding=(9410, 9411))
 #: The refinement of the previous release, before this tuning.
 PREVIOUS = RefinementSettings(steps=24, levels=(4, 2), control_spacing=(2, 2, 2), learning_rate=0.3, smoothing=1.0,
+                              local_normalisation=0.0,
                               unfold_passes=0)
 #: (label, changes to PREVIOUS), in the order they were tried; None: the network alone.
 VARIANTS = [

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -40,6 +40,9 @@ from us3d.registration.fields import (displacement_to_field, endpoint_error, fol
 from us3d.options import DEFAULT_REFINE_STEPS
 from us3d.options import REGISTRATION_METHODS as METHODS
 from us3d.options import REGISTRATION_PREPROCESSING as PREPROCESSING
+
+if TYPE_CHECKING:
+    from us3d.registration.refine import RefinementSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,11 +196,17 @@ def _spacing_kji(image: sitk.Image) -> tuple[float, float, float]:
 class Registrar:
     """Registers pairs and sequences with one `RegistrationSettings`; the VoxelMorph model is
     loaded once, when the registrar is made (InputError for bad settings or a model that is not a
-    registration model)."""
+    registration model). `refinement`: the refinement's settings but its steps, which are
+    `settings.refine_steps` (`us3d.registration.refine.RefinementSettings`; None: its defaults), for
+    studies of them (benchmarks/tune_registration.py)."""
 
-    def __init__(self, settings: RegistrationSettings = RegistrationSettings()) -> None:
+    def __init__(self, settings: RegistrationSettings = RegistrationSettings(),
+                 refinement: RefinementSettings | None = None) -> None:
+        from us3d.registration.refine import RefinementSettings
+
         settings.check()
         self.settings = settings
+        self.refinement = dataclasses.replace(refinement or RefinementSettings(), steps=settings.refine_steps)
         self.device = resolve_device(settings.device)
         self._despeckle = self._despeckle_settings()
         self._network = None
@@ -277,7 +286,7 @@ class Registrar:
         (e.g. the previous frame's displacement); `prepared`: `prepare_moving(moving)`, the same
         result with less work. Not for demons."""
         from us3d.registration.layers import with_layer_translations
-        from us3d.registration.refine import RefinementSettings, refine, resample_displacement
+        from us3d.registration.refine import refine, resample_displacement
         from us3d.registration.voxelmorph import normalised, translation
 
         if prepared is not None and prepared.image is not moving:
@@ -301,8 +310,7 @@ class Registrar:
                 with torch.inference_mode():
                     start = with_layer_translations(fixed_t, moving_t, start, spacing)
             with torch.enable_grad():
-                start = refine(fixed_t, moving_t, start.clone(), spacing,
-                               RefinementSettings(steps=self.settings.refine_steps)).detach()
+                start = refine(fixed_t, moving_t, start.clone(), spacing, self.refinement).detach()
         with torch.inference_mode():
             return resample_displacement(start, full)
 

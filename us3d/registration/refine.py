@@ -7,8 +7,8 @@ previous frame's) and optimised by Adam for a few to a few dozen steps per resol
 
     minimise  MSE(fixed, moving(x + u0(x) + r(x)))  +  regularisation_weight * R(r)
 
-on both volumes normalised (zero mean, unit std), lightly smoothed (Gaussian, `smoothing` voxels)
-and reduced in-plane (each level's factor; the first level is the coarsest). R is the mean of
+on both volumes normalised (locally by default: `locally_normalised`), lightly smoothed (Gaussian,
+`smoothing` voxels) and reduced in-plane (each level's factor; the first level is the coarsest). R is the mean of
 |grad r| over the control grid in mm per mm: with `sliding` (default) a Charbonnier (about
 total-variation) penalty, which lets the displacement jump where the abdominal wall slides over
 the liver instead of smearing the shear over the control spacing; without it the squared
@@ -51,6 +51,10 @@ class RefinementSettings:
         the squared gradient, diffusion (False).
     folding_weight : weight of a penalty on folding: the mean of max(0, 0.1 - det J)^2 over the
         control grid, J the Jacobian of x -> x + u(x); 0 turns it off.
+    local_normalisation : Gaussian sigma, voxels, of the local mean and standard deviation that both volumes
+        are normalised by (`locally_normalised`), so that the image term matches speckle wherever it is,
+        not mostly the edges between brighter and darker tissue; 0 normalises each volume as a whole
+        (chosen on validation and development sequences: benchmarks/tune_registration.py).
     initial_smoothing : Gaussian sigma, voxels, applied to the initial displacement first (a network's
         field is noisier than its errors are smooth: on held-out breathing sigma 2 lowered both its
         error and its folding); 0 keeps it as given.
@@ -69,6 +73,7 @@ class RefinementSettings:
     control_spacing: tuple[int, int, int] = (4, 4, 4)
     learning_rate: float = 0.15
     smoothing: float = 0.5
+    local_normalisation: float = 3.0
     regularisation_weight: float = 0.1
     sliding: bool = True
     folding_weight: float = 100.0
@@ -92,6 +97,18 @@ class _Adam:
             adam([self.parameter], [self.parameter.grad], [self.first], [self.second], [], [self.count], fused=True,
                  amsgrad=False, beta1=0.9, beta2=0.999, lr=self.learning_rate, weight_decay=0.0, eps=1e-8,
                  maximize=False)
+
+
+def locally_normalised(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A (b, c, k, j, i) `volume` normalised (zero mean, unit std as a whole), less its local mean and divided
+    by its local standard deviation, both Gaussian-weighted (`sigma` voxels): in a squared difference each
+    region's speckle then weighs the same, however bright or dark its tissue. Where the volume is flat
+    (outside a sector scan) it stays about 0. sigma 0: normalised as a whole only."""
+    volume = normalised(volume)
+    if sigma <= 0:
+        return volume
+    detail = volume - separable.gaussian(volume, sigma, True)
+    return detail / (separable.gaussian(detail * detail, sigma, True) + 0.01).sqrt()
 
 
 def _gaussian(volume: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -450,8 +467,8 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, spa
     with torch.no_grad():
         initial = _gaussian(initial, settings.initial_smoothing)
     with torch.no_grad():
-        fixed_s = _gaussian(normalised(fixed.float()), settings.smoothing)
-        moving_s = _gaussian(normalised(moving.float()), settings.smoothing)
+        fixed_s = _gaussian(locally_normalised(fixed.float(), settings.local_normalisation), settings.smoothing)
+        moving_s = _gaussian(locally_normalised(moving.float(), settings.local_normalisation), settings.smoothing)
     residual = torch.zeros_like(initial)
     shares = torch.tensor(settings.level_share, dtype=torch.float64)
     counts = torch.round(shares / shares.sum() * settings.steps).long().tolist()
