@@ -206,12 +206,12 @@ def test_the_registrar_refines_with_the_settings_it_is_given():
 
 
 def test_local_normalisation_gives_dark_and_bright_speckle_one_scale():
-    from us3d.registration.refine import locally_normalised
-    from us3d.registration.voxelmorph import normalised
-
     """Two layers with different means and speckle contrasts (half the other's) come out with zero mean and one
     scale: what is left is the speckle, not which layer is brighter; the flat region without data stays
     about 0."""
+    from us3d.registration.refine import locally_normalised
+    from us3d.registration.voxelmorph import normalised
+
     texture = _speckle((8, 64, 64), 3)
     texture = texture / texture.std()
     volume = 60.0 + 10.0 * texture

@@ -124,10 +124,11 @@ def goal_band_parts(registrar: Registrar, seeds, frames: int, cache: Path) -> di
         assert not transposed, "the sliding set keeps depth along j"
         setup = setup or ImagingSetup()
         sharp = breathing_motion(seed, setup, dataclasses.replace(breathing, interface_width=0.0))
+        grid = setup.voxel_centres()
         for pair in pairs_of(motion_sequences("sliding", (seed,), frames, "none", cache), "sliding"):
             result = registrar.register_pair(pair.fixed, pair.moving)
             rows["default"].append(score(pair, result.field, result.seconds, bands))
-            step = sharp.backward(setup.voxel_centres(), pair.frame).numpy().astype(np.float64)
+            step = sharp.backward(grid, pair.frame).numpy().astype(np.float64)
             rows["sharp step"].append(score(pair, field_image(step, pair.moving), 0.0, bands))
     return {method: {(low, high): [row[name] for row in method_rows] for low, high, name in bands}
             for method, method_rows in rows.items()}
