@@ -7,7 +7,7 @@ import SimpleITK as sitk
 import torch
 
 from us3d.registration.layers import (SLAB_PLACEMENTS, band_translations, data_mask, depth_axis,
-                                      with_layer_translations)
+                                      with_depth_neighbours, with_layer_translations)
 from us3d.registration.voxelmorph import transform
 
 
@@ -69,6 +69,28 @@ def test_the_rows_next_to_a_sliding_interface_take_their_own_layer_s_shift(guess
     error = (found - truth)[:, :, 2:-2, :, 8:-8].pow(2).sum(1).sqrt()
     assert float(error[:, :, 34:54].mean()) < 0.6
     assert float(error[:, :, 2:30].mean()) < 0.1 and float(error[:, :, 60:94].mean()) < 0.1
+
+
+@pytest.mark.parametrize("estimated_interface", [38, 50])
+def test_an_interface_estimated_too_shallow_or_too_deep_moves_to_where_the_speckle_says(estimated_interface):
+    """Rows 0-43 along depth (j) stay, the rest move 5 voxels along i; the estimate is right in each layer
+    but puts the interface 6 rows (1.8 mm) too shallow or too deep. Each wrong row takes the shift of a
+    row a few voxels on, in its own layer; rows far from the interface keep the estimate."""
+    moving = _texture((16, 96, 64), 8)
+    truth = torch.zeros(1, 3, 16, 96, 64)
+    truth[:, 2, :, 44:] = 5.0
+    fixed = transform(moving, truth)
+    guess = torch.zeros_like(truth)
+    guess[:, 2, :, estimated_interface:] = 5.0
+    found = with_depth_neighbours(fixed, moving, guess, (0.8, 0.3, 0.4), axis=3)
+    wrong = slice(min(estimated_interface, 44), max(estimated_interface, 44))
+
+    def error(field, rows):
+        return float((field - truth)[:, :, 2:-2, rows, 8:-8].pow(2).sum(1).sqrt().mean())
+
+    assert error(guess, wrong) == pytest.approx(5.0)
+    assert error(found, wrong) < 0.5
+    assert torch.equal(found[:, :, :, :30], guess[:, :, :, :30]) and torch.equal(found[:, :, :, 60:], guess[:, :, :, 60:])
 
 
 def test_the_data_mask_fills_dark_speckle_and_leaves_out_the_sector_edge():

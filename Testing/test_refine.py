@@ -205,6 +205,28 @@ def test_the_registrar_refines_with_the_settings_it_is_given():
     assert not torch.equal(plain.displacement(fixed, moving), default.displacement(fixed, moving))
 
 
+def test_the_registrar_takes_depth_neighbours_only_when_asked(monkeypatch):
+    """The depth-neighbour step is off by default (it raised the worst pairs on validation sequences);
+    `Registrar(..., depth_neighbours=True)` runs it once a pair, on the field the depth bands gave."""
+    from us3d.registration import layers
+    from us3d.registration.pairs import Registrar, RegistrationSettings
+
+    calls = []
+    original = layers.with_depth_neighbours
+
+    def counted(*args, **kwargs):
+        calls.append(args[2].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "with_depth_neighbours", counted)
+    fixed, moving, _ = _pair()
+    settings = RegistrationSettings(method="translation", refine_steps=6, device="cpu")
+    Registrar(settings).displacement(fixed, moving)
+    assert calls == []
+    field = Registrar(settings, depth_neighbours=True).displacement(fixed, moving)
+    assert len(calls) == 1 and bool(torch.isfinite(field).all())
+
+
 def test_local_normalisation_gives_dark_and_bright_speckle_one_scale():
     """Two layers with different means and speckle contrasts (half the other's) come out with zero mean and one
     scale: what is left is the speckle, not which layer is brighter; the flat region without data stays

@@ -1,6 +1,7 @@
 """How the refinement's local normalisation was chosen: writes benchmarks/RESULTS-registration-tuning.md.
 
-The default registration (network, depth-band translations, refinement: `us3d.Registrar`) with the
+The default registration (network, depth-band translations, refinement: `us3d.Registrar`), without the
+depth-neighbour step that came after this study (benchmarks/tune_depth_neighbours.py), with the
 refinement's volumes normalised locally, over Gaussian windows of each sigma in turn
 (`RefinementSettings.local_normalisation`; 0: each volume as a whole, the previous default), on
 sequences that no benchmark scores and no training run saw:
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python benchmarks/tune_registration.py{' --quick' if args.quick else ''}`, us3d {__version__} "
         f"(simulator {SIMULATOR_VERSION}), {datetime.date.today().isoformat()}, {args.threads} CPU threads. The "
-        "default registration with the refinement's volumes normalised over Gaussian windows of each sigma "
+        "default registration (without the later depth-neighbour step: RESULTS-depth-neighbours-tuning.md) with "
+        "the refinement's volumes normalised over Gaussian windows of each sigma "
         "(`RefinementSettings.local_normalisation`; 0: each volume as a whole, the previous default) on sequences "
         "no benchmark scores and no training saw: "
         + "; ".join(f"{c} seeds {', '.join(map(str, s))}" for c, s in seeds.items())
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---" * (7 + len(pairs)) + "|",
     ]
     for sigma in SIGMAS:
-        registrar = Registrar(RegistrationSettings(device="cpu"), RefinementSettings(local_normalisation=sigma))
+        registrar = Registrar(RegistrationSettings(device="cpu"), RefinementSettings(local_normalisation=sigma),
+                              depth_neighbours=False)  # this study came first: tune_depth_neighbours.py
         rows = {c: run(registrar, p) for c, p in pairs.items()}
         every = [r for c in rows for r in rows[c]]
         lines.append(

@@ -216,3 +216,61 @@ def _blend_widths(jump: torch.Tensor, taken: torch.Tensor, axis: int, blend: flo
         values = jump[0, a][chosen].abs()
         widths.append(max(blend, 0.5 * float(values.kthvalue(max(1, int(0.99 * count))).values)))
     return widths
+
+
+def with_depth_neighbours(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor,
+                          spacing: tuple[float, float, float], axis: int, reach_mm: float = 3.0,
+                          step_mm: float = 0.6, sigma_depth: float = 1.5, sigma_across: float = 4.0,
+                          margin: float = 0.1, local_normalisation: float = 3.0) -> torch.Tensor:
+    """`displacement` with each voxel's shift replaced by that of a voxel up to `reach_mm` shallower or
+    deeper (along depth, the same column) where that leaves a clearly smaller local squared difference
+    of the volumes. A new tensor.
+
+    Next to the base of a thin abdominal wall, an estimate tends to carry the liver's motion some way
+    up into the wall (or the wall's down into the liver): a network's coarse levels and a band's slab
+    see both layers there. A few millimetres further into its own layer, each voxel's motion is
+    estimated well; this step lets the interface move to where the speckle says it is. The local
+    squared difference is a Gaussian-weighted mean over the fixed volume's data, narrow along depth
+    (`sigma_depth` voxels) and wider across it (`sigma_across` voxels), where the layers run on, of
+    locally normalised volumes (`us3d.registration.refine.locally_normalised`): the bright fascia at a
+    wall's base would otherwise outweigh the darker speckle around it.
+
+    `us3d.Registrar` runs it only when asked (`depth_neighbours=True`): on validation and development
+    sequences it lowered the mean error and the error next to the wall's base, but raised the
+    sliding set's mean and worst pair, at about 30% more time a pair
+    (benchmarks/tune_depth_neighbours.py, RESULTS-depth-neighbours-tuning.md).
+
+    Parameters
+    ----------
+    fixed, moving : volumes (1, 1, k, j, i) on one grid, as registered.
+    displacement : (1, 3, k, j, i) voxels, channels (k, j, i): moving(x + u(x)) matches fixed(x).
+    spacing : voxel spacing (k, j, i), mm.
+    axis : the depth dimension, 3 (j) or 4 (i) (`depth_axis`).
+    reach_mm, step_mm : the neighbours tried lie step_mm, 2 step_mm, ... up to reach_mm away, both ways.
+    sigma_depth, sigma_across : Gaussian sigmas, voxels, of the local squared difference.
+    margin : relative improvement of the local squared difference a neighbour's shift needs to be taken.
+    local_normalisation : Gaussian sigma, voxels, of `locally_normalised`; 0 normalises each volume as a whole.
+    """
+    from us3d.registration.refine import locally_normalised
+
+    fixed_n, moving_n = locally_normalised(fixed, local_normalisation), locally_normalised(moving, local_normalisation)
+    inside = data_mask(fixed)
+    matrices = [separable.gaussian_matrix(fixed.shape[2 + a], sigma_depth if a + 2 == axis else sigma_across,
+                                          fixed, True) for a in range(3)]
+    weight_sum = separable.apply(inside, matrices).clamp(min=1e-6)
+
+    def local_difference(field: torch.Tensor) -> torch.Tensor:
+        return separable.apply(inside * (fixed_n - transform(moving_n, field)).pow(2), matrices) / weight_sum
+
+    n = displacement.shape[axis]
+    step = max(1, int(round(step_mm / spacing[axis - 2])))
+    reach = min(n - 1, int(round(reach_mm / spacing[axis - 2])))
+    with_estimate = local_difference(displacement)
+    best, with_best = displacement, with_estimate
+    for offset in [s * sign for s in range(step, reach + 1, step) for sign in (1, -1)]:
+        source = (torch.arange(n, device=displacement.device) + offset).clamp(0, n - 1)
+        neighbour = displacement.index_select(axis, source)
+        difference = local_difference(neighbour)
+        closer = difference < with_best
+        best, with_best = torch.where(closer, neighbour, best), torch.minimum(with_best, difference)
+    return torch.where(with_best < (1.0 - margin) * with_estimate, best, displacement)

@@ -197,16 +197,20 @@ class Registrar:
     """Registers pairs and sequences with one `RegistrationSettings`; the VoxelMorph model is
     loaded once, when the registrar is made (InputError for bad settings or a model that is not a
     registration model). `refinement`: the refinement's settings but its steps, which are
-    `settings.refine_steps` (`us3d.registration.refine.RefinementSettings`; None: its defaults), for
-    studies of them (benchmarks/tune_registration.py)."""
+    `settings.refine_steps` (`us3d.registration.refine.RefinementSettings`; None: its defaults), and
+    `depth_neighbours`: whether voxels next to a sliding interface may also take a depth neighbour's
+    shift (`us3d.registration.layers.with_depth_neighbours`; off by default: on validation sequences it
+    lowered the mean but raised the sliding set's mean and worst pair, at 30% more time), for studies of them
+    (benchmarks/tune_registration.py, benchmarks/tune_depth_neighbours.py)."""
 
     def __init__(self, settings: RegistrationSettings = RegistrationSettings(),
-                 refinement: RefinementSettings | None = None) -> None:
+                 refinement: RefinementSettings | None = None, depth_neighbours: bool = False) -> None:
         from us3d.registration.refine import RefinementSettings
 
         settings.check()
         self.settings = settings
         self.refinement = dataclasses.replace(refinement or RefinementSettings(), steps=settings.refine_steps)
+        self.depth_neighbours = depth_neighbours
         self.device = resolve_device(settings.device)
         self._despeckle = self._despeckle_settings()
         self._network = None
@@ -285,7 +289,7 @@ class Registrar:
         (on the fixed grid) onto `fixed`; `initial` replaces the network's or translation's start
         (e.g. the previous frame's displacement); `prepared`: `prepare_moving(moving)`, the same
         result with less work. Not for demons."""
-        from us3d.registration.layers import with_layer_translations
+        from us3d.registration.layers import depth_axis, with_depth_neighbours, with_layer_translations
         from us3d.registration.refine import refine, resample_displacement
         from us3d.registration.voxelmorph import normalised, translation
 
@@ -308,7 +312,10 @@ class Registrar:
         if self.settings.refine_steps > 0:
             if initial is None:  # layers that slide over each other: each depth band's own translation
                 with torch.inference_mode():
-                    start = with_layer_translations(fixed_t, moving_t, start, spacing)
+                    axis = depth_axis(fixed_t, spacing)
+                    start = with_layer_translations(fixed_t, moving_t, start, spacing, axis)
+                    if self.depth_neighbours:
+                        start = with_depth_neighbours(fixed_t, moving_t, start, spacing, axis)
             with torch.enable_grad():
                 start = refine(fixed_t, moving_t, start.clone(), spacing, self.refinement).detach()
         with torch.inference_mode():
