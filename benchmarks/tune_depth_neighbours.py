@@ -10,7 +10,7 @@ Scored as bench_registration.py scores: mean endpoint error (mm) and worst pair 
 sliding set's wall and the band of issue 11's goal ([-1, 3) mm below the wall's base), the worst
 folding and the median time per pair (same run).
 
-    python benchmarks/tune_depth_neighbours.py            # about 14 min on 2 cores (cached sequences)
+    python benchmarks/tune_depth_neighbours.py            # about 17 min on 2 cores (cached sequences)
     python benchmarks/tune_depth_neighbours.py --quick    # the first sequence of each set
 """
 
