@@ -207,7 +207,7 @@ def test_the_registrar_refines_with_the_settings_it_is_given():
 
 def test_the_registrar_takes_depth_neighbours_only_when_asked(monkeypatch):
     """The depth-neighbour step is off by default (it raised the worst pairs on validation sequences);
-    `Registrar(..., depth_neighbours=True)` runs it once a pair, on the field the depth bands gave."""
+    `Registrar(..., depth_neighbours={...})` runs it once a pair with those settings."""
     from us3d.registration import layers
     from us3d.registration.pairs import Registrar, RegistrationSettings
 
@@ -215,7 +215,7 @@ def test_the_registrar_takes_depth_neighbours_only_when_asked(monkeypatch):
     original = layers.with_depth_neighbours
 
     def counted(*args, **kwargs):
-        calls.append(args[2].shape)
+        calls.append(kwargs)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(layers, "with_depth_neighbours", counted)
@@ -223,8 +223,8 @@ def test_the_registrar_takes_depth_neighbours_only_when_asked(monkeypatch):
     settings = RegistrationSettings(method="translation", refine_steps=6, device="cpu")
     Registrar(settings).displacement(fixed, moving)
     assert calls == []
-    field = Registrar(settings, depth_neighbours=True).displacement(fixed, moving)
-    assert len(calls) == 1 and bool(torch.isfinite(field).all())
+    field = Registrar(settings, depth_neighbours={"margin": 0.2}).displacement(fixed, moving)
+    assert calls == [{"margin": 0.2}] and bool(torch.isfinite(field).all())
 
 
 def test_local_normalisation_gives_dark_and_bright_speckle_one_scale():

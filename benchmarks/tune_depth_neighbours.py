@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import sys
 from pathlib import Path
 
@@ -28,18 +27,16 @@ import torch
 from us3d import Registrar, RegistrationSettings, __version__
 from us3d.allocator import reuse_freed_memory
 from us3d.phantom import SIMULATOR_VERSION
-from us3d.registration import layers
-from us3d.training.registration import TEST, TRAINING, motion_sequences
 
-from bench_registration import BANDS, pairs_of, run  # this folder's benchmark: pairs, truth, scores
-from tune_registration import TUNING
+from bench_registration import BANDS, run  # this folder's benchmark: truth, scores
+from tune_registration import tuning_pairs  # its validation and development pairs
 
 WALL, GOAL_BAND = BANDS[0][2], BANDS[1][2]
-#: (label, whether the step runs, its settings)
-VARIANTS = (("without (the default)", False, {}),
-            ("with, normalised as a whole", True, {"local_normalisation": 0.0}),
-            ("with, normalised locally", True, {}),
-            ("with, normalised locally, reach 1.8 mm, margin 20%", True, {"reach_mm": 1.8, "margin": 0.2}))
+#: (label, the step's settings: `Registrar`'s depth_neighbours, None: off)
+VARIANTS = (("without (the default)", None),
+            ("with, normalised as a whole", {"local_normalisation": 0.0}),
+            ("with, normalised locally", {}),
+            ("with, normalised locally, reach 1.8 mm, margin 20%", {"reach_mm": 1.8, "margin": 0.2}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     reuse_freed_memory()
-    used = {seed for sets in (TRAINING, TEST) for seeds in sets.values() for seed in seeds}
-    seeds = {c: s[:1] if args.quick else s for c, s in TUNING.items()}
-    assert not used & {seed for s in seeds.values() for seed in s}, "a tuning seed is a training or test seed"
-    pairs = {c: pairs_of(motion_sequences(c, s, 8, "none", Path(args.cache)), c) for c, s in seeds.items()}
+    seeds, pairs = tuning_pairs(args.quick, args.cache)
     lines = [
         "# Registration: the depth-neighbour step, on and off",
         "",
@@ -69,10 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         + " | all: mean | mean p95 | sliding: wall | sliding: band | worst folding | time per pair |",
         "|---" * (8 + len(pairs)) + "|",
     ]
-    original = layers.with_depth_neighbours
-    for label, on, settings in VARIANTS:
-        layers.with_depth_neighbours = functools.partial(original, **settings)
-        registrar = Registrar(RegistrationSettings(device="cpu"), depth_neighbours=on)
+    for label, settings in VARIANTS:
+        registrar = Registrar(RegistrationSettings(device="cpu"), depth_neighbours=settings)
         rows = {c: run(registrar, p) for c, p in pairs.items()}
         every = [r for c in rows for r in rows[c]]
         lines.append(
@@ -83,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{np.nanmean([r[GOAL_BAND] for r in rows['sliding']]):.3f} | "
             f"{100 * max(r['folding'] for r in every):.4f}% | {np.median([r['seconds'] for r in every]):.2f} s |")
         print(lines[-1], flush=True)
-    layers.with_depth_neighbours = original
     Path(args.output).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.output}")
     return 0

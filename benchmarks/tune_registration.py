@@ -42,6 +42,15 @@ SIGMAS = (0.0, 2.0, 3.0, 4.0)
 GOAL_BAND = BANDS[1][2]
 
 
+def tuning_pairs(quick: bool, cache: str) -> tuple[dict[str, tuple[int, ...]], dict[str, list]]:
+    """The seeds of `TUNING` per set (the first of each when `quick`) and their pairs (bench_registration's
+    `pairs_of`), sequences simulated or read from `cache`; none of them is a training or test seed."""
+    used = {seed for sets in (TRAINING, TEST) for seeds in sets.values() for seed in seeds}
+    seeds = {c: s[:1] if quick else s for c, s in TUNING.items()}
+    assert not used & {seed for s in seeds.values() for seed in s}, "a tuning seed is a training or test seed"
+    return seeds, {c: pairs_of(motion_sequences(c, s, 8, "none", Path(cache)), c) for c, s in seeds.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the first sequence of each set")
@@ -51,10 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     reuse_freed_memory()  # as the us3d CLI does: simulating a sequence then takes about half the time
-    used = {seed for sets in (TRAINING, TEST) for seeds in sets.values() for seed in seeds}
-    seeds = {c: s[:1] if args.quick else s for c, s in TUNING.items()}
-    assert not used & {seed for s in seeds.values() for seed in s}, "a tuning seed is a training or test seed"
-    pairs = {c: pairs_of(motion_sequences(c, s, 8, "none", Path(args.cache)), c) for c, s in seeds.items()}
+    seeds, pairs = tuning_pairs(args.quick, args.cache)
     default = RefinementSettings().local_normalisation
     lines = [
         "# Registration: how the refinement's local normalisation was chosen",
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for sigma in SIGMAS:
         registrar = Registrar(RegistrationSettings(device="cpu"), RefinementSettings(local_normalisation=sigma),
-                              depth_neighbours=False)  # this study came first: tune_depth_neighbours.py
+                              depth_neighbours=None)  # this study came first: tune_depth_neighbours.py
         rows = {c: run(registrar, p) for c, p in pairs.items()}
         every = [r for c in rows for r in rows[c]]
         lines.append(

@@ -24,9 +24,12 @@ resolution is finer than its lateral one.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from us3d.registration import separable
+from us3d.registration.refine import locally_normalised
 from us3d.registration.voxelmorph import _detail, detail_spectra, detail_translation, normalised, transform
 
 #: Where a band's slab lies along the depth axis: centred on the band, ending at the band's far end and
@@ -173,12 +176,7 @@ def with_layer_translations(fixed: torch.Tensor, moving: torch.Tensor, displacem
     fixed_n, moving_n = normalised(fixed), normalised(moving)
     inside = data_mask(fixed)  # the squared difference is averaged over the fixed volume's data only
     candidates, bands = band_translations(fixed_n, moving_n, axis, spacing, band_mm, slab_mm, inside)
-    weight_sum = separable.gaussian(inside, sigma, True).clamp(min=1e-6)
-
-    def local_difference(fields: torch.Tensor) -> torch.Tensor:  # (n, 1, k, j, i) for n fields (n, 3, k, j, i)
-        warped = transform(moving_n.expand(fields.shape[0], -1, -1, -1, -1), fields)
-        return separable.gaussian(inside * (fixed_n - warped).pow(2), sigma, True) / weight_sum
-
+    local_difference = _local_difference(fixed_n, moving_n, inside, lambda v: separable.gaussian(v, sigma, True))
     # each voxel's candidate: the slab placement whose band shift matches best there (elementwise: torch's
     # argmin across a leading dimension of 3 took about 100 ms on a 128x128x32 volume)
     differences = local_difference(candidates)
@@ -235,7 +233,7 @@ def with_depth_neighbours(fixed: torch.Tensor, moving: torch.Tensor, displacemen
     locally normalised volumes (`us3d.registration.refine.locally_normalised`): the bright fascia at a
     wall's base would otherwise outweigh the darker speckle around it.
 
-    `us3d.Registrar` runs it only when asked (`depth_neighbours=True`): on validation and development
+    `us3d.Registrar` runs it only when asked (`depth_neighbours={...}`, its settings): on validation and development
     sequences it lowered the mean error and the error next to the wall's base, but raised the
     sliding set's mean and worst pair, at about 30% more time a pair
     (benchmarks/tune_depth_neighbours.py, RESULTS-depth-neighbours-tuning.md).
@@ -251,16 +249,11 @@ def with_depth_neighbours(fixed: torch.Tensor, moving: torch.Tensor, displacemen
     margin : relative improvement of the local squared difference a neighbour's shift needs to be taken.
     local_normalisation : Gaussian sigma, voxels, of `locally_normalised`; 0 normalises each volume as a whole.
     """
-    from us3d.registration.refine import locally_normalised
-
     fixed_n, moving_n = locally_normalised(fixed, local_normalisation), locally_normalised(moving, local_normalisation)
     inside = data_mask(fixed)
     matrices = [separable.gaussian_matrix(fixed.shape[2 + a], sigma_depth if a + 2 == axis else sigma_across,
                                           fixed, True) for a in range(3)]
-    weight_sum = separable.apply(inside, matrices).clamp(min=1e-6)
-
-    def local_difference(field: torch.Tensor) -> torch.Tensor:
-        return separable.apply(inside * (fixed_n - transform(moving_n, field)).pow(2), matrices) / weight_sum
+    local_difference = _local_difference(fixed_n, moving_n, inside, lambda v: separable.apply(v, matrices))
 
     n = displacement.shape[axis]
     step = max(1, int(round(step_mm / spacing[axis - 2])))
@@ -274,3 +267,18 @@ def with_depth_neighbours(fixed: torch.Tensor, moving: torch.Tensor, displacemen
         closer = difference < with_best
         best, with_best = torch.where(closer, neighbour, best), torch.minimum(with_best, difference)
     return torch.where(with_best < (1.0 - margin) * with_estimate, best, displacement)
+
+
+
+def _local_difference(fixed: torch.Tensor, moving: torch.Tensor, inside: torch.Tensor,
+                      blur: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The local squared difference of `fixed` and `moving` (1, 1, k, j, i): a function that gives, for n
+    fields (n, 3, k, j, i, voxels), (n, 1, k, j, i) the `blur`-weighted mean over the fixed volume's
+    data `inside` (`data_mask`) of (fixed - moving(x + u))^2, that is blur(inside (...)^2) / blur(inside)."""
+    weight_sum = blur(inside).clamp(min=1e-6)
+
+    def local_difference(fields: torch.Tensor) -> torch.Tensor:
+        warped = transform(moving.expand(fields.shape[0], -1, -1, -1, -1), fields)
+        return blur(inside * (fixed - warped).pow(2)) / weight_sum
+
+    return local_difference

@@ -198,13 +198,15 @@ class Registrar:
     loaded once, when the registrar is made (InputError for bad settings or a model that is not a
     registration model). `refinement`: the refinement's settings but its steps, which are
     `settings.refine_steps` (`us3d.registration.refine.RefinementSettings`; None: its defaults), and
-    `depth_neighbours`: whether voxels next to a sliding interface may also take a depth neighbour's
-    shift (`us3d.registration.layers.with_depth_neighbours`; off by default: on validation sequences it
-    lowered the mean but raised the sliding set's mean and worst pair, at 30% more time), for studies of them
-    (benchmarks/tune_registration.py, benchmarks/tune_depth_neighbours.py)."""
+    `depth_neighbours`: None (the default), or the keyword settings of
+    `us3d.registration.layers.with_depth_neighbours` ({} for its own defaults), which then lets voxels
+    next to a sliding interface take a depth neighbour's shift (off by default: on validation
+    sequences it lowered the mean but raised the sliding set's mean and worst pair, at 30% more
+    time); for studies of them (benchmarks/tune_registration.py, benchmarks/tune_depth_neighbours.py)."""
 
     def __init__(self, settings: RegistrationSettings = RegistrationSettings(),
-                 refinement: RefinementSettings | None = None, depth_neighbours: bool = False) -> None:
+                 refinement: RefinementSettings | None = None,
+                 depth_neighbours: dict[str, float] | None = None) -> None:
         from us3d.registration.refine import RefinementSettings
 
         settings.check()
@@ -314,8 +316,8 @@ class Registrar:
                 with torch.inference_mode():
                     axis = depth_axis(fixed_t, spacing)
                     start = with_layer_translations(fixed_t, moving_t, start, spacing, axis)
-                    if self.depth_neighbours:
-                        start = with_depth_neighbours(fixed_t, moving_t, start, spacing, axis)
+                    if self.depth_neighbours is not None:
+                        start = with_depth_neighbours(fixed_t, moving_t, start, spacing, axis, **self.depth_neighbours)
             with torch.enable_grad():
                 start = refine(fixed_t, moving_t, start.clone(), spacing, self.refinement).detach()
         with torch.inference_mode():
